@@ -123,46 +123,53 @@ _numba_kernel = None
 
 
 def _get_numba_kernel():
-    """Compile the loop once per process (about a second); cached on disk by numba afterwards."""
+    """Compile the loop once per process (cached on disk by numba afterwards)."""
     global _numba_kernel
     if _numba_kernel is None:
         import numba
 
         @numba.njit(cache=True, nogil=True)
-        def kernel(img, disp, out, wsum, zrow, tol):  # img [N, C, H, W] f32, disp [N, H, W] f32
+        def kernel(img, disp, out, holes, tol):  # img/out [N, C, H, W] f32, disp [N, H, W] f32
             N, C, H, W = img.shape
+            col = np.empty(W, dtype=np.int64)  # floor(x - d) per source column
+            frac = np.empty(W, dtype=np.float32)
+            zrow = np.empty(W, dtype=np.float32)  # nearest disparity reaching each target column
+            acc = np.empty((W, C + 1), dtype=np.float32)  # row accumulator, weight last: stays in L1
             for n in range(N):
                 for y in range(H):
                     zrow[:] = -np.inf
-                    for x in range(W):  # pass 1: z-buffer of the nearest surface per target column
+                    acc[:] = 0
+                    for x in range(W):  # 1. taps and z-buffer of the nearest surface
                         d = disp[n, y, x]
                         t = np.float32(x) - d  # float32 like the torch path, so both floor alike
                         c0 = int(np.floor(t))
                         f = t - np.float32(c0)
+                        col[x] = c0
+                        frac[x] = f
                         if 0 <= c0 < W and d > zrow[c0]:
                             zrow[c0] = d
                         if f > 0 and 0 <= c0 + 1 < W and d > zrow[c0 + 1]:
                             zrow[c0 + 1] = d
-                    for x in range(W):  # pass 2: blend the two taps of the visible surface
+                    for x in range(W):  # 2. blend the two taps of the visible surface
                         d = disp[n, y, x]
-                        t = np.float32(x) - d
-                        c0 = int(np.floor(t))
-                        f = t - np.float32(c0)
-                        w0 = np.float32(1) - f
+                        c0 = col[x]
+                        f = frac[x]
                         if 0 <= c0 < W and d >= zrow[c0] - tol:
-                            wsum[n, y, c0] += w0
+                            w0 = np.float32(1) - f
+                            acc[c0, C] += w0
                             for ch in range(C):
-                                out[n, ch, y, c0] += w0 * img[n, ch, y, x]
+                                acc[c0, ch] += w0 * img[n, ch, y, x]
                         c1 = c0 + 1
                         if f > 0 and 0 <= c1 < W and d >= zrow[c1] - tol:
-                            wsum[n, y, c1] += f
+                            acc[c1, C] += f
                             for ch in range(C):
-                                out[n, ch, y, c1] += f * img[n, ch, y, x]
-                    for x in range(W):
-                        s = wsum[n, y, x]
-                        if s > 0:
-                            for ch in range(C):
-                                out[n, ch, y, x] /= s
+                                acc[c1, ch] += f * img[n, ch, y, x]
+                    for x in range(W):  # 3. normalise; no weight = hole (0)
+                        s = acc[x, C]
+                        holes[n, y, x] = s <= 0
+                        inv = np.float32(1) / s if s > 0 else np.float32(0)
+                        for ch in range(C):
+                            out[n, ch, y, x] = acc[x, ch] * inv
 
         _numba_kernel = kernel
     return _numba_kernel
@@ -172,13 +179,11 @@ def _splat_numba(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Te
     lead, (C, H, W) = image.shape[:-3], image.shape[-3:]
     img = np.ascontiguousarray(image.detach().reshape(-1, C, H, W).float().numpy())
     disp = np.ascontiguousarray(disparity.detach().reshape(-1, H, W).float().numpy())
-    out = np.zeros_like(img)
-    wsum = np.zeros_like(disp)
-    zrow = np.empty(W, dtype=np.float32)
-    _get_numba_kernel()(img, disp, out, wsum, zrow, np.float32(DEPTH_TOLERANCE))
+    out = np.empty_like(img)  # every element is written by the kernel
+    holes = np.empty(disp.shape, dtype=np.bool_)
+    _get_numba_kernel()(img, disp, out, holes, np.float32(DEPTH_TOLERANCE))
     warped = torch.from_numpy(out).reshape(*lead, C, H, W).to(image.dtype)
-    holes = torch.from_numpy(wsum <= 0).reshape(*lead, H, W)
-    return warped, holes
+    return warped, torch.from_numpy(holes).reshape(*lead, H, W)
 
 
 def splat_reference(image: np.ndarray, disparity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

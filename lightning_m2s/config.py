@@ -1,0 +1,121 @@
+"""Experiment configs: OmegaConf YAML with a `base_config` chain, dotlist overrides, unknown keys fail.
+
+An experiment file names its parent with `base_config: <file>` (relative to itself) and holds only
+its changes; the chain ends at `experiments/base.yaml`, which has every key with a short reason
+beside it. Keys that are not in the base are errors naming the key and the file, so a typo never
+silently does nothing. A mapping that is empty (`{}`) in the base is free-form (e.g. keyword
+arguments passed through to a library); everything else is checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lightning_m2s.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+SWEEPS_DIR = PROJECT_ROOT / "sweeps"
+MAX_CHAIN = 16
+
+
+def resolve_file(name: str | Path, folder: Path, kind: str) -> Path:
+    """A path as given, or `folder/<name>.yaml` for a bare name like `tiny`."""
+    candidates = [Path(name), folder / name, folder / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    available = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise ConfigError(f"no {kind} named {str(name)!r} (looked in {folder}); available: {available}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        cfg = OmegaConf.load(path)
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read YAML: {err}") from err
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: an experiment file must be a mapping, got {type(cfg).__name__}")
+    return cfg
+
+
+def _chain(path: Path) -> list[tuple[Path, DictConfig]]:
+    """[(base.yaml, cfg), ..., (path, cfg)]: the files of the base_config chain, root first."""
+    chain = []
+    while True:
+        cfg = _read_yaml(path)
+        chain.append((path, cfg))
+        parent = cfg.pop("base_config", None)
+        if parent is None:
+            return chain[::-1]
+        if len(chain) >= MAX_CHAIN or any(p == (path.parent / parent).resolve() for p, _ in chain):
+            raise ConfigError(f"{path}: base_config chain loops or is deeper than {MAX_CHAIN}")
+        path = (path.parent / parent).resolve()
+        if not path.is_file():
+            raise ConfigError(f"{chain[-1][0]}: base_config {parent!r} does not exist ({path})")
+
+
+def _freeze_schema(node: DictConfig | ListConfig) -> None:
+    """Struct mode on every mapping of the base, except empty ones (free-form keyword arguments)."""
+    if isinstance(node, DictConfig):
+        OmegaConf.set_struct(node, len(node) > 0)
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                _freeze_schema(child)
+
+
+def _merge(base: DictConfig, update: DictConfig | dict, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"{source}: unknown or invalid key {key!r}: {reason}") from err
+
+
+def load_config(experiment: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """Load an experiment (a name in experiments/ or a path), apply dotlist overrides, resolve it."""
+    path = resolve_file(experiment, EXPERIMENTS_DIR, "experiment")
+    chain = _chain(path)
+    cfg = chain[0][1]
+    _freeze_schema(cfg)
+    for file, update in chain[1:]:
+        cfg = _merge(cfg, update, str(file))
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"command-line overrides: {err}") from err
+    cfg = _merge(cfg, dotlist, "command-line override")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve interpolation: {err}") from err
+    cfg.meta.experiment = path.stem
+    return cfg
+
+
+def to_container(cfg: DictConfig | ListConfig) -> dict:
+    """The resolved config as plain Python containers (for **kwargs and for logging)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, object]:
+    """{'a.b.c': value} for tracking params."""
+    data = to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
