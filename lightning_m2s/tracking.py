@@ -1,0 +1,82 @@
+"""MLflow wiring: the tracking store, sweep (parent) and trial (child) runs, params, tags, artifacts.
+
+The default store is local: a sqlite database plus an artifact folder in the working tree (MLflow 3.13+
+refuses the plain ./mlruns file store). `tracking.uri` in the config points at a shared tracking server
+instead (`http://host:5000`), in which case the server decides where artifacts go.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from lightning_m2s.config import PROJECT_ROOT, flatten
+from lightning_m2s.errors import ConfigError
+
+DEFAULT_DB = PROJECT_ROOT / "mlflow.db"
+DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
+PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: the config's value, or the local sqlite store in the project folder."""
+    if not uri:
+        return f"sqlite:///{DEFAULT_DB}"
+    if "://" not in uri:
+        raise ConfigError(f"tracking.uri {uri!r} is not a URI (expected sqlite:///path.db or http://host:port)")
+    return uri
+
+
+def artifact_location(uri: str, artifact_root: str | None) -> str | None:
+    """Where a new experiment keeps artifacts: the project's folder for a local store, else the server's."""
+    if artifact_root:
+        return Path(artifact_root).resolve().as_uri()
+    if uri.startswith("sqlite:"):
+        return DEFAULT_ARTIFACTS.resolve().as_uri()
+    return None
+
+
+def client(uri: str | None = None):
+    import mlflow
+
+    uri = resolve_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str, artifact_root: str | None = None) -> str:
+    """The MLflow experiment `name`, created on first use."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = artifact_location(mlflow_client.tracking_uri, artifact_root)
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The checkout's commit (with '+dirty' when the tree has changes), or 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def find_run(mlflow_client, exp_id: str, tags: dict[str, str]):
+    """The newest run of the experiment whose tags equal `tags`, or None (used to resume)."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow_client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def log_config(mlflow_client, run_id: str, cfg) -> None:
+    """Every key of the resolved config as a param (flattened: `model.left_condition`)."""
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in flatten(cfg).items()]
+    existing = mlflow_client.get_run(run_id).data.params
+    params = [p for p in params if p.key not in existing]  # params are immutable: a resumed run keeps its own
+    for start in range(0, len(params), 100):  # MLflow's batch limit
+        mlflow_client.log_batch(run_id, params=params[start : start + 100])
