@@ -1,0 +1,117 @@
+"""StereoDataModule: the one DataModule every training variant shares (config section `data:` -> kwargs)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, SequentialSampler
+
+from lightning_m2s.data.buckets import BucketBatchSampler, parse_buckets
+from lightning_m2s.data.clip import collate_clips
+from lightning_m2s.data.dataset import StereoClipDataset, build_sources
+from lightning_m2s.errors import ConfigError
+
+# Embedded default (CPU, minutes): procedural scenes for training, with mild disparity errors so the
+# warped view carries artifacts the left view can fix; evaluation on held-out scenes (other seeds) and
+# on real-content clips of the Middlebury pair. Buckets are the paper's shapes scaled by 1/4 in size.
+DEFAULT_SYNTHETIC = {"name": "synthetic", "size": [128, 128], "num_frames": 150, "fps": 30,
+                     "error_blur": 1.0, "error_scale": 0.05, "error_thin": True}
+DEFAULT_TRAIN = [{**DEFAULT_SYNTHETIC, "weight": 1.0, "num_videos": 256, "seed": 0}]
+DEFAULT_VAL = [{**DEFAULT_SYNTHETIC, "num_videos": 8, "seed": 10_000},
+               {"name": "image_pairs", "num_clips": 4, "seed": 1}]
+DEFAULT_TEST = [{**DEFAULT_SYNTHETIC, "num_videos": 16, "seed": 20_000},
+                {"name": "image_pairs", "num_clips": 8, "seed": 2}]
+DEFAULT_BUCKETS = [{"frames": 4, "size": 128}, {"frames": 16, "size": 64}, {"frames": 25, "size": 48}]
+PAPER_BUCKETS = [{"frames": 4, "size": 512}, {"frames": 16, "size": 256}, {"frames": 25, "size": 192}]
+
+
+class StereoDataModule(L.LightningDataModule):
+    """Train: bucketed random clips (`train_batches` per epoch, sources may be procedural). Val/test:
+    fixed clips, `eval_frames` at `eval_fps`, centre crop `eval_size` (paper: 16 frames, 5 fps, 512).
+
+    Every source entry is {name, weight (train mixing, default 1), clips (eval cap), **source options}.
+    """
+
+    def __init__(
+        self,
+        train_sources: Sequence[dict] | None = None,
+        val_sources: Sequence[dict] | None = None,
+        test_sources: Sequence[dict] | None = None,
+        buckets: Sequence = None,
+        batch_size: int = 2,
+        train_batches: int = 100,
+        train_fps: float | Sequence[float] = (5, 30),
+        crop_scale: Sequence[float] = (0.3, 1.0),
+        eval_frames: int = 16,
+        eval_size: int = 128,
+        eval_fps: float = 5.0,
+        eval_batch_size: int = 1,
+        val_clips: int | None = None,
+        test_clips: int | None = None,
+        close_kernel: int = 11,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 23,
+    ):
+        super().__init__()
+        self.train_sources = DEFAULT_TRAIN if train_sources is None else list(train_sources)
+        self.val_sources = DEFAULT_VAL if val_sources is None else list(val_sources)
+        self.test_sources = DEFAULT_TEST if test_sources is None else list(test_sources)
+        self.buckets = parse_buckets(DEFAULT_BUCKETS if buckets is None else buckets, key="data.buckets")
+        if batch_size < 1 or eval_batch_size < 1 or train_batches < 1 or num_workers < 0:
+            raise ConfigError(
+                "data.batch_size, data.eval_batch_size, data.train_batches must be >= 1 and data.num_workers >= 0"
+            )
+        if close_kernel < 0 or (close_kernel > 1 and close_kernel % 2 == 0):
+            raise ConfigError(f"data.close_kernel must be odd (or 0/1 for none), got {close_kernel}")
+        lo, hi = crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        self.batch_size, self.train_batches = int(batch_size), int(train_batches)
+        self.train_fps, self.crop_scale = train_fps, tuple(crop_scale)
+        self.eval = {"eval_frames": int(eval_frames), "eval_size": int(eval_size), "eval_fps": float(eval_fps)}
+        self.eval_batch_size, self.val_clips, self.test_clips = int(eval_batch_size), val_clips, test_clips
+        self.close_kernel, self.num_workers, self.pin_memory, self.seed = int(close_kernel), int(num_workers), pin_memory, int(seed)
+        self._datasets: dict[str, StereoClipDataset] = {}
+
+    def dataset(self, split: str) -> StereoClipDataset:
+        """The dataset of 'train', 'val' or 'test', built on first use (source listing only, no decoding)."""
+        if split not in self._datasets:
+            entries = {"train": self.train_sources, "val": self.val_sources, "test": self.test_sources}[split]
+            if not entries:
+                raise ConfigError(f"data.{split}_sources is empty")
+            sources, weights, caps = build_sources(entries, f"data.{split}_sources")
+            clips = {"val": self.val_clips, "test": self.test_clips}.get(split)
+            self._datasets[split] = StereoClipDataset(
+                sources, weights, train=split == "train", fps=self.train_fps, crop_scale=self.crop_scale,
+                close_kernel=self.close_kernel, eval_clips=clips, caps=caps, **self.eval,
+            )
+        return self._datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], None: ["train", "val", "test"]}
+        for split in splits.get(stage, []):
+            self.dataset(split)
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset, num_workers=self.num_workers, collate_fn=collate_clips, pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0, **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        # Built here (inside Lightning's hook) so that under DDP Lightning can re-create it with its
+        # DistributedSampler, from which the sampler takes rank and world size.
+        sampler = BucketBatchSampler(
+            SequentialSampler(ds), buckets=self.buckets, batch_size=self.batch_size,
+            num_batches=self.train_batches, seed=self.seed, weights=ds.sample_weights(),
+        )
+        return self._loader(ds, batch_sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), batch_size=self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), batch_size=self.eval_batch_size, shuffle=False)

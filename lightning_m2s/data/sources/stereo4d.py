@@ -1,0 +1,105 @@
+"""Stereo4D: rectified 512x512 clips with per-frame stereo flow, as the public Stereo4D tooling writes them.
+
+Files per clip id `{vid}` anywhere under `root` (searched recursively):
+    {vid}-left_rectified.mp4, {vid}-right_rectified.mp4, {vid}-flows_stereo.pkl
+The tooling puts the three in `root/{vid}/`; the M2SVid release keeps the videos in
+`root/left_rectified/` and `root/right_rectified/`; both work, as does a flat folder.
+`{vid}-flows_stereo.pkl` is a pickled list (one entry per frame) of dicts with 'fwd' and 'bwd' HxWx2
+flows between the rectified views. 'fwd' is left -> right flow: a left pixel at x moves to x + u in the
+right view, so u = -d. Disparity = -fwd[..., 0] (flow_sign "negate", the default; Stereo4D's own
+loader computes depth from -fwd the same way). flow_sign "keep" takes fwd[..., 0] as is; "auto" picks
+the sign per clip that makes most values >= 0. Stereo matching is noisy near zero disparity: values
+down to -negative_tolerance px are clamped to 0; anything more negative is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lightning_m2s.data.sources.base import StereoSource, check_pair_videos, require_dir, select_videos
+from lightning_m2s.data.video_io import VideoInfo, read_frames, video_info
+from lightning_m2s.errors import ConfigError, DataError
+
+FLOW_SIGNS = ("negate", "keep", "auto")
+
+
+def _index(root: Path, suffix: str) -> dict[str, Path]:
+    return {p.name[: -len(suffix)]: p for p in sorted(root.rglob(f"*{suffix}"))}
+
+
+def flow_to_disparity(flows: list, frame_indices: np.ndarray, sign: str, path: Path, tolerance: float) -> np.ndarray:
+    """x flow of the selected frames -> left-view disparity float32 [t, H, W]."""
+    try:
+        x = np.stack([np.asarray(flows[int(f)]["fwd"], dtype=np.float32)[..., 0] for f in frame_indices])
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: expected a list of per-frame dicts with 'fwd' HxWx2 flow ({e!r})") from e
+    if sign == "negate" or (sign == "auto" and np.median(x) < 0):
+        x = -x
+    if np.isfinite(x).all() and x.min() >= -tolerance:
+        x = np.maximum(x, 0.0)  # stereo-matching noise around zero disparity
+    return x
+
+
+class Stereo4DSource(StereoSource):
+    name = "stereo4d"
+
+    def __init__(
+        self,
+        root: str | Path,
+        videos: Sequence[str] | str | None = None,
+        flow_sign: str = "negate",
+        negative_tolerance: float = 1.0,
+    ):
+        if flow_sign not in FLOW_SIGNS:
+            raise ConfigError(f"stereo4d: flow_sign {flow_sign!r} (key 'flow_sign') must be one of {FLOW_SIGNS}")
+        self.root = require_dir(root)
+        self.flow_sign, self.negative_tolerance = flow_sign, float(negative_tolerance)
+        lefts = _index(self.root, "-left_rectified.mp4")
+        rights = _index(self.root, "-right_rectified.mp4")
+        flows = _index(self.root, "-flows_stereo.pkl")
+        self.names = select_videos(lefts, videos, self.root)
+        self.files = []
+        for vid in self.names:
+            # a missing partner is reported when the clip is read, naming the expected file
+            right = rights.get(vid, lefts[vid].with_name(f"{vid}-right_rectified.mp4"))
+            flow = flows.get(vid, lefts[vid].with_name(f"{vid}-flows_stereo.pkl"))
+            self.files.append((lefts[vid], right, flow))
+        self._info: dict[int, VideoInfo] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def describe(self, i: int) -> str:
+        left, _, flow = self.files[i]
+        return f"{left} (flows {flow.name})"
+
+    def info(self, i: int) -> VideoInfo:
+        if i not in self._info:
+            left_path, right_path, _ = self.files[i]
+            left, right = video_info(left_path, self.names[i]), video_info(right_path, self.names[i])
+            check_pair_videos(f"{left_path} / {right_path}", left, right)
+            self._info[i] = left
+        return self._info[i]
+
+    def _read(self, i: int, frame_indices: np.ndarray):
+        left_path, right_path, flow_path = self.files[i]
+        if not flow_path.is_file():
+            raise DataError(f"stereo flow file not found: {flow_path}")
+        try:
+            with open(flow_path, "rb") as f:
+                flows = pickle.load(f)
+        except Exception as e:
+            raise DataError(f"cannot read stereo flow file {flow_path}: {e}") from e
+        n = self.info(i).num_frames
+        if len(flows) != n:
+            raise DataError(f"{flow_path}: {len(flows)} flow frames but the video has {n}")
+        disparity = flow_to_disparity(flows, frame_indices, self.flow_sign, flow_path, self.negative_tolerance)
+        left = read_frames(left_path, frame_indices)
+        right = read_frames(right_path, frame_indices)
+        if disparity.shape != left.shape[:3]:
+            raise DataError(f"{flow_path}: flow size {disparity.shape[1:]} does not match the video {left.shape[1:3]}")
+        return left, right, disparity
