@@ -1,0 +1,1 @@
+"""Model core: SVD UNet with stereo conditioning, disocclusion attention, frozen video VAE, embeddings, refiner."""

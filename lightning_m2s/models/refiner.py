@@ -1,0 +1,285 @@
+"""StereoRefiner: the M2SVid model (SVD UNet + frozen VAE + frame embedding + disocclusion attention).
+
+Training modules use it as:
+    model = build_refiner(**cfg.model)                       # plain keys, see REFINER_DEFAULTS
+    cond = model.build_conditioning(left, warped, mask)      # [B,T,3,H,W] in [-1,1], mask bool [B,T,1,H,W]
+    z = model.encode_target(right)                           # [B,T,4,H/8,W/8], sampled x 0.18215
+    z_hat = model.predict_one_step(cond)                     # Eq. 4
+    video = model.decode(z_hat)                              # gradients flow to z_hat
+    loss = model.denoiser.diffusion_loss(z, cond, sigma)     # standard diffusion (Eq. 1)
+    optimizer = AdamW(model.trainable_parameters())          # only the UNet trains
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_m2s.errors import ConfigError, ModelError
+from lightning_m2s.models import unet as unet_lib
+from lightning_m2s.models.attention import POLICIES, install_attention_processors
+from lightning_m2s.models.embedding import CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
+from lightning_m2s.models.pretrained import check_svd_directory
+from lightning_m2s.models.vae import FrozenVideoVAE
+from lightning_m2s.objective import SIGMA_MAX, SIGMA_MIN, Denoiser
+
+# The `model:` config section: every key, its default, and why.
+REFINER_DEFAULTS = dict(
+    pretrained=None,  # local SVD dir in diffusers format (img2vid-xt); None = tiny embedded default
+    variant=None,  # weight-file variant of the pretrained dir, e.g. "fp16"
+    unet=None,  # dict overriding TINY_UNET_CONFIG (tiny default only)
+    vae=None,  # dict overriding TINY_VAE_CONFIG (tiny default only)
+    vae_path=None,  # a saved AutoencoderKLTemporalDecoder dir (e.g. the cached tiny VAE); wins over the above
+    embedding=None,  # "clip" | "pooled"; None = clip with `pretrained`, pooled (stand-in) otherwise
+    left_condition=True,  # E(V_l) in conv_in: 13 channels; False = 9 (Table 4 ablation)
+    full_attention=True,  # disocclusion tokens attend to the whole clip (Sec. 5.3)
+    attention_policy="area",  # token mask per layer: area | any | bilinear (released), see attention.py
+    attention_threshold=0.5,  # "area": hole fraction of a token's cell above this
+    attention_max_tokens_per_frame=None,  # released training cap 512 (x T per clip, random); training only
+    mask_resize="bilinear",  # conditioning mask (+1 hole / -1 known) -> latent grid: bilinear (released) | area | max
+    motion_bucket_id=127,  # SVD's default motion bucket
+    cond_aug_log_mean=-3.0,  # training cond_aug = exp(mean + std * N(0, 1)) (released)
+    cond_aug_log_std=0.5,
+    cond_aug_eval=0.02,  # validation / inference cond_aug
+    sigma_min=SIGMA_MIN,  # img2vid-xt scheduler
+    sigma_max=SIGMA_MAX,  # one-step prediction noise level (t = T)
+    gradient_checkpointing=False,  # unet.enable_gradient_checkpointing (paper: on)
+    autocast_dtype=None,  # None (fp32) | "bfloat16" | "float16": autocast around model calls (GPU)
+    encode_chunk_size=16,  # frames per VAE encoder call
+    decode_chunk_size=None,  # frames per temporal-decoder call; None = whole clip (released training)
+    seed=0,  # init of the tiny default's random weights
+)
+
+AUTOCAST_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MASK_RESIZE = ("bilinear", "area", "max")
+
+
+@dataclass
+class StereoCondition:
+    """Everything the UNet is conditioned on, for one batch."""
+
+    latents: torch.Tensor  # [B, T, 9 | 5, h, w]: E(V_l) (if on), E(V_warp), mask (+1 hole / -1 known)
+    context: torch.Tensor  # [B, T, D]: one embedding per left frame
+    added_time_ids: torch.Tensor  # [B, 3]: fps_id, motion_bucket_id, cond_aug
+    hole_mask: torch.Tensor | None  # [B, T, H, W] float hole mask at pixel resolution (attention), or None
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        B, T, _, h, w = self.latents.shape
+        return (B, T, unet_lib.LATENT_CHANNELS, h, w)
+
+
+class StereoRefiner(nn.Module):
+    def __init__(
+        self,
+        unet,
+        vae: FrozenVideoVAE,
+        embedding: nn.Module,
+        left_condition: bool = True,
+        full_attention: bool = True,
+        attention_policy: str = "area",
+        attention_threshold: float = 0.5,
+        attention_max_tokens_per_frame: int | None = None,
+        mask_resize: str = "bilinear",
+        motion_bucket_id: float = 127,
+        cond_aug_log_mean: float = -3.0,
+        cond_aug_log_std: float = 0.5,
+        cond_aug_eval: float = 0.02,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        gradient_checkpointing: bool = False,
+        autocast_dtype: str | None = None,
+    ):
+        super().__init__()
+        # 1. Validate early
+        if mask_resize not in MASK_RESIZE:
+            raise ConfigError(f"model.mask_resize {mask_resize!r}: choose from {MASK_RESIZE}")
+        if attention_policy not in POLICIES:
+            raise ConfigError(f"model.attention_policy {attention_policy!r}: choose from {POLICIES}")
+        if autocast_dtype not in AUTOCAST_DTYPES:
+            raise ConfigError(f"model.autocast_dtype {autocast_dtype!r}: choose from {list(AUTOCAST_DTYPES)}")
+        if embedding.dim != unet.config.cross_attention_dim:
+            raise ModelError(
+                f"frame embedding width {embedding.dim} != unet cross_attention_dim {unet.config.cross_attention_dim}"
+            )
+        # 2. Modules: the UNet is widened in place; VAE and embedding are frozen
+        self.unet = unet_lib.widen_conv_in(unet, left_condition)
+        self.vae = vae
+        self.embedding = embedding
+        self.left_condition = left_condition
+        self.mask_resize = mask_resize
+        self.motion_bucket_id = motion_bucket_id
+        self.cond_aug_log_mean, self.cond_aug_log_std = cond_aug_log_mean, cond_aug_log_std
+        self.cond_aug_eval = cond_aug_eval
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast_dtype]
+        # 3. Attention processors (through diffusers' set_attn_processor; the controller carries the mask)
+        self.attention = install_attention_processors(
+            self.unet, full_attention, attention_policy, attention_threshold, attention_max_tokens_per_frame
+        )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # 4. Objective: all EDM scalings live in the denoiser
+        self.denoiser = Denoiser(self._network, sigma_min, sigma_max)
+
+    # --- what trains ------------------------------------------------------------------------------
+    def trainable_parameters(self):
+        """Only the UNet trains (VAE and frame embedding are frozen)."""
+        return self.unet.parameters()
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    # --- conditioning -----------------------------------------------------------------------------
+    def sample_cond_aug(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-augmentation level per clip: exp(-3 + 0.5 N) in training, 0.02 in eval (released)."""
+        if self.training:
+            n = torch.randn(batch_size, generator=generator).to(device)
+            return (self.cond_aug_log_mean + self.cond_aug_log_std * n).exp()
+        return torch.full((batch_size,), self.cond_aug_eval, device=device)
+
+    def mask_to_latent(self, mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """bool [B, T, 1, H, W] -> [B, T, 1, h, w], +1 hole / -1 known resized to the latent grid."""
+        B, T = mask.shape[:2]
+        signed = mask.flatten(0, 1).float() * 2 - 1  # [B*T, 1, H, W]
+        if self.mask_resize == "bilinear":  # released: bilinear, align_corners False, no antialias
+            out = F.interpolate(signed, size=latent_hw, mode="bilinear", align_corners=False)
+        elif self.mask_resize == "area":
+            out = F.adaptive_avg_pool2d(signed, latent_hw)
+        else:  # "max": any hole pixel marks the latent cell
+            out = F.adaptive_max_pool2d(signed, latent_hw)
+        return out.unflatten(0, (B, T))
+
+    def build_conditioning(
+        self,
+        left: torch.Tensor,
+        warped: torch.Tensor,
+        mask: torch.Tensor,
+        fps_id: float | torch.Tensor = 5,
+        cond_aug: float | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StereoCondition:
+        """left, warped: [B, T, 3, H, W] in [-1, 1]; mask: bool [B, T, 1, H, W] (True = hole)."""
+        if left.shape != warped.shape or left.ndim != 5 or left.shape[2] != 3:
+            raise ValueError(f"left {tuple(left.shape)} and warped {tuple(warped.shape)} must be equal [B, T, 3, H, W]")
+        B, T, _, H, W = left.shape
+        if mask.shape != (B, T, 1, H, W):
+            raise ValueError(f"mask must be [B, T, 1, H, W] = {(B, T, 1, H, W)}, got {tuple(mask.shape)}")
+        device = left.device
+        latent_hw = (H // self.vae.downscale, W // self.vae.downscale)
+
+        # 1. Noise augmentation in pixel space (not on the mask): [B]
+        if cond_aug is None:
+            cond_aug = self.sample_cond_aug(B, device, generator)
+        cond_aug = torch.as_tensor(cond_aug, dtype=left.dtype, device=device).expand(B)
+        sigma = cond_aug.view(B, 1, 1, 1, 1)
+        warped_aug = warped + sigma * torch.randn(warped.shape, generator=generator).to(warped)
+
+        with self._autocast(device):
+            # 2. Condition latents: posterior mode, unscaled: [B, T, 4, h, w] each
+            parts = []
+            if self.left_condition:
+                left_aug = left + sigma * torch.randn(left.shape, generator=generator).to(left)
+                parts.append(self.vae.encode_condition(left_aug))
+            parts.append(self.vae.encode_condition(warped_aug))
+            # 3. Mask on the latent grid: [B, T, 1, h, w]
+            parts.append(self.mask_to_latent(mask, latent_hw).to(parts[0]))
+            # 4. Cross-attention context, one token per left frame: [B*T, 1, D] -> [B, T, D]
+            context = self.embedding(left).reshape(B, T, -1)
+        latents = torch.cat([p.float() for p in parts], dim=2)  # [B, T, 9 | 5, h, w]
+        time_ids = added_time_ids(fps_id, self.motion_bucket_id, cond_aug, B, device=device)
+        hole = mask[:, :, 0].float() if self.attention is not None else None
+        return StereoCondition(latents, context.float(), time_ids, hole)
+
+    # --- the network and the objective -----------------------------------------------------------
+    def _network(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: StereoCondition) -> torch.Tensor:
+        """F(c_in * x, c_noise): the UNet's v-prediction. x_in [B, T, 4, h, w] -> [B, T, 4, h, w]."""
+        sample = torch.cat([x_in, cond.latents.to(x_in)], dim=2)  # [B, T, 13 | 9, h, w]
+        if self.attention is not None:
+            # Stays set until the next call, so checkpoint recomputation in backward sees it.
+            self.attention.cap_enabled = self.training
+            self.attention.set_mask(cond.hole_mask, latent_hw=tuple(sample.shape[-2:]))
+        with self._autocast(sample.device):
+            out = self.unet(
+                sample, c_noise.to(sample.device), encoder_hidden_states=cond.context.to(sample),
+                added_time_ids=cond.added_time_ids.to(sample), return_dict=False,
+            )[0]
+        return out.to(x_in.dtype)
+
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: StereoCondition) -> torch.Tensor:
+        """EDM denoiser D(x_t, sigma): the clean-latent estimate, [B, T, 4, h, w]."""
+        return self.denoiser(x_t, sigma, cond)
+
+    def predict_one_step(self, cond: StereoCondition) -> torch.Tensor:
+        """Paper Eq. 4: the clean latent from a zero latent at sigma_max, [B, T, 4, h, w] (scaled space)."""
+        return self.denoiser.predict_one_step(cond.latent_shape, cond, device=cond.latents.device)
+
+    def sample(self, cond: StereoCondition, steps: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler EDM sampling with `steps` steps (1 = predict_one_step) from zeros, or from `noise`."""
+        return self.denoiser.sample(cond.latent_shape, cond, steps, noise=noise, device=cond.latents.device)
+
+    # --- VAE ----------------------------------------------------------------------------------------
+    def encode_target(self, right: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        """Right view [B, T, 3, H, W] -> target latent (sampled posterior x scaling_factor, released)."""
+        with self._autocast(right.device):
+            return self.vae.encode_target(right, sample=sample, generator=generator).float()
+
+    def decode(self, latent: torch.Tensor, decode_chunk_size: int | None = None) -> torch.Tensor:
+        """Scaled latent [B, T, 4, h, w] -> video [B, T, 3, H, W]; gradients flow to the latent."""
+        with self._autocast(latent.device):
+            return self.vae.decode(latent, decode_chunk_size).float()
+
+    @torch.no_grad()
+    def predict(self, left, warped, mask, fps_id=5, steps: int = 1) -> torch.Tensor:
+        """Inference: right view [B, T, 3, H, W] from left, warped and mask (eval cond_aug)."""
+        cond = self.build_conditioning(left, warped, mask, fps_id=fps_id, cond_aug=self.cond_aug_eval)
+        latent = self.predict_one_step(cond) if steps == 1 else self.sample(cond, steps)
+        return self.decode(latent)
+
+
+def build_refiner(**kwargs) -> StereoRefiner:
+    """Build the refiner from the `model:` config section (keys and defaults: REFINER_DEFAULTS)."""
+    unknown = sorted(set(kwargs) - set(REFINER_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"model: unknown key(s) {unknown}; known keys: {sorted(REFINER_DEFAULTS)}")
+    cfg = {**REFINER_DEFAULTS, **kwargs}
+    pretrained = cfg["pretrained"]
+    embedding_kind = cfg["embedding"] or ("clip" if pretrained else "pooled")
+    if embedding_kind not in ("clip", "pooled"):
+        raise ConfigError(f"model.embedding {embedding_kind!r}: choose from ['clip', 'pooled']")
+    vae_kwargs = dict(encode_chunk_size=cfg["encode_chunk_size"], decode_chunk_size=cfg["decode_chunk_size"])
+
+    # 1. UNet (SVD's 8 input channels; widened by StereoRefiner)
+    if pretrained is not None:
+        if cfg["unet"] or cfg["vae"]:
+            raise ConfigError("model.unet / model.vae (tiny config overrides) cannot be combined with model.pretrained")
+        components = ["unet"] + ([] if cfg["vae_path"] else ["vae"])
+        components += ["image_encoder", "feature_extractor"] if embedding_kind == "clip" else []
+        check_svd_directory(pretrained, components=tuple(components))
+        unet = unet_lib.load_unet(pretrained, variant=cfg["variant"])
+    else:
+        if embedding_kind == "clip":
+            raise ConfigError("model.embedding 'clip' needs model.pretrained (an SVD directory with image_encoder/)")
+        unet = unet_lib.build_tiny_unet(seed=cfg["seed"], **(cfg["unet"] or {}))
+
+    # 2. Frozen VAE
+    if cfg["vae_path"] is not None:
+        vae = FrozenVideoVAE.from_pretrained(cfg["vae_path"], subfolder=None, **vae_kwargs)
+    elif pretrained is not None:
+        vae = FrozenVideoVAE.from_pretrained(pretrained, variant=cfg["variant"], **vae_kwargs)
+    else:
+        vae = FrozenVideoVAE.from_config(cfg["vae"], seed=cfg["seed"], **vae_kwargs)
+
+    # 3. Frame embedding
+    if embedding_kind == "clip":
+        embedding = CLIPFrameEmbedding.from_pretrained(pretrained, variant=cfg["variant"])
+    else:
+        embedding = PooledFrameEmbedding(dim=unet.config.cross_attention_dim, seed=cfg["seed"])
+
+    skip = {"pretrained", "variant", "unet", "vae", "vae_path", "embedding", "encode_chunk_size", "decode_chunk_size", "seed"}
+    return StereoRefiner(unet, vae, embedding, **{k: v for k, v in cfg.items() if k not in skip})

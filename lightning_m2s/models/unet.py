@@ -1,0 +1,108 @@
+"""SVD's UNetSpatioTemporalConditionModel from a pretrained SVD directory or a tiny config; conv_in widening.
+
+conv_in channel layout after widening (paper App. C.1, released code):
+    left_condition=True  (13): [latent 0-3 | E(V_l) 4-7 | E(V_warp) 8-11 | mask 12]
+    left_condition=False  (9): [latent 0-3 | E(V_warp) 4-7 | mask 8]
+SVD's image-condition weights (its channels 4-7) are copied into both image slots and halved (13)
+or copied unchanged (9); the mask weights start at zero; bias unchanged. So at initialisation the
+widened conv on [x, a, a, m] (or [x, a, m]) equals SVD's conv on [x, a].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNetSpatioTemporalConditionModel
+from torch import nn
+
+from lightning_m2s.errors import ModelError
+from lightning_m2s.models.pretrained import check_svd_directory
+
+SVD_IN_CHANNELS = 8  # 4 noisy latent + 4 image latent
+LATENT_CHANNELS = 4
+
+# The embedded default: SVD's architecture at tiny width (ENVIRONMENT.md's tiny UNet, about 1.3 M
+# params). in_channels is SVD's 8 here: widening to 13 / 9 is the same step as for img2vid-xt.
+TINY_UNET_CONFIG = dict(
+    sample_size=16,  # latent side of the 128^2 bucket; metadata only
+    in_channels=SVD_IN_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    block_out_channels=(32, 64),
+    addition_time_embed_dim=32,  # 3 x 32 = projection_class_embeddings_input_dim
+    projection_class_embeddings_input_dim=96,
+    layers_per_block=1,
+    cross_attention_dim=64,  # the frame-embedding width
+    transformer_layers_per_block=1,
+    num_attention_heads=(2, 4),
+    num_frames=25,  # the longest bucket; metadata only
+)
+
+
+def conditioning_channels(left_condition: bool = True) -> int:
+    """conv_in input channels after widening: 13 with the left view, 9 without."""
+    return 13 if left_condition else 9
+
+
+def build_tiny_unet(seed: int | None = 0, **overrides) -> UNetSpatioTemporalConditionModel:
+    """A randomly initialised SVD-architecture UNet (8 input channels, not yet widened)."""
+    config = {**TINY_UNET_CONFIG, **overrides}
+    n_added = config["projection_class_embeddings_input_dim"]
+    if n_added != 3 * config["addition_time_embed_dim"]:
+        raise ModelError(
+            f"unet config: projection_class_embeddings_input_dim ({n_added}) must be 3 x "
+            f"addition_time_embed_dim ({config['addition_time_embed_dim']}): fps, motion bucket, cond_aug"
+        )
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return UNetSpatioTemporalConditionModel(**config)
+    return UNetSpatioTemporalConditionModel(**config)
+
+
+def load_unet(path: str | Path, variant: str | None = None, torch_dtype=None) -> UNetSpatioTemporalConditionModel:
+    """The UNet of an SVD directory in diffusers format (`unet/` subfolder), e.g. img2vid-xt."""
+    root = check_svd_directory(path, components=("unet",))
+    try:
+        return UNetSpatioTemporalConditionModel.from_pretrained(
+            root, subfolder="unet", variant=variant, torch_dtype=torch_dtype
+        )
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelError(f"{root / 'unet'}: cannot load UNetSpatioTemporalConditionModel: {err}") from err
+
+
+@torch.no_grad()
+def widen_conv_in(unet: UNetSpatioTemporalConditionModel, left_condition: bool = True) -> UNetSpatioTemporalConditionModel:
+    """Widen SVD's 8-channel conv_in in place (see the module docstring) and update the config.
+
+    A UNet that already has the target width (a saved M2SVid checkpoint) is returned unchanged."""
+    target = conditioning_channels(left_condition)
+    old = unet.conv_in
+    if old.in_channels == target:
+        return unet
+    if old.in_channels != SVD_IN_CHANNELS:
+        raise ModelError(
+            f"conv_in has {old.in_channels} input channels; expected SVD's {SVD_IN_CHANNELS} (to widen) "
+            f"or {target} (already widened for left_condition={left_condition})"
+        )
+    new = nn.Conv2d(
+        target, old.out_channels, old.kernel_size, old.stride, old.padding,
+        bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype,
+    )
+    w_old = old.weight  # [C_out, 8, k, k]
+    w = torch.zeros_like(new.weight)  # [C_out, target, k, k]; mask channel stays 0
+    w[:, 0:4] = w_old[:, 0:4]  # noisy latent
+    if left_condition:
+        w[:, 4:8] = w_old[:, 4:8] / 2  # E(V_l)
+        w[:, 8:12] = w_old[:, 4:8] / 2  # E(V_warp)
+    else:
+        w[:, 4:8] = w_old[:, 4:8]  # E(V_warp)
+    new.weight.copy_(w)
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=target)
+    return unet

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from lightning_m2s.models.refiner import build_refiner
+from lightning_m2s.objective import edm_scalings
+
+VAE = dict(block_out_channels=(32, 32, 32, 32))
+
+
+def batch(B=1, T=3, S=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    left, warped, right = (torch.rand(B, T, 3, S, S, generator=g) * 2 - 1 for _ in range(3))
+    mask = torch.zeros(B, T, 1, S, S, dtype=torch.bool)
+    mask[..., 8:16] = True
+    return left, warped, right, mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_refiner(vae=VAE)
+
+
+def test_conditioning_layout(model):
+    left, warped, _, mask = batch()
+    model.eval()
+    cond = model.build_conditioning(left, warped, mask, cond_aug=0.0)
+    assert cond.latents.shape == (1, 3, 9, 4, 4)
+    assert torch.allclose(cond.latents[:, :, 0:4], model.vae.encode_condition(left), atol=1e-5)
+    assert torch.allclose(cond.latents[:, :, 4:8], model.vae.encode_condition(warped), atol=1e-5)
+    m = cond.latents[:, :, 8]
+    assert m.min() == -1 and m.max() == 1  # +1 hole / -1 known
+    assert cond.context.shape == (1, 3, 64)
+    assert cond.added_time_ids.tolist() == [[5.0, 127.0, 0.0]]
+    assert model.build_conditioning(left, warped, mask).added_time_ids[0, 2].item() == pytest.approx(0.02)
+    model.train()
+    aug = model.build_conditioning(left, warped, mask).added_time_ids[:, 2]
+    assert aug.item() != pytest.approx(0.02)
+
+
+def test_one_step_is_c_out_times_v_and_sample_one_step_equal(model):
+    left, warped, _, mask = batch()
+    model.eval()
+    cond = model.build_conditioning(left, warped, mask)
+    with torch.no_grad():
+        one = model.predict_one_step(cond)
+        _, c_out, _, c_noise = edm_scalings(torch.tensor([700.0]))
+        v = model._network(torch.zeros(cond.latent_shape), c_noise.float(), cond)
+        assert torch.allclose(one, c_out.float() * v, atol=1e-6)
+        assert torch.allclose(model.sample(cond, 1), one, atol=1e-6)
+        assert model.sample(cond, 5).shape == one.shape
+
+
+def test_end_to_end_gradients_reach_only_the_unet(model):
+    left, warped, right, mask = batch()
+    model.train()
+    cond = model.build_conditioning(left, warped, mask)
+    target = model.encode_target(right)
+    latent_loss, pred = model.denoiser.latent_loss(target, cond)
+    (latent_loss.mean() + (model.decode(pred) - right).abs().mean()).backward()
+    assert model.unet.conv_in.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.unet.parameters()}
+    model.unet.zero_grad(set_to_none=True)
+
+
+def test_left_condition_off_and_full_attention_off():
+    left, warped, _, mask = batch()
+    model = build_refiner(vae=VAE, left_condition=False, full_attention=False).eval()
+    cond = model.build_conditioning(left, warped, mask)
+    assert cond.latents.shape[2] == 5 and model.unet.conv_in.in_channels == 9
+    assert model.attention is None and cond.hole_mask is None
+    assert model.predict(left, warped, mask).shape == left.shape
+
+
+def test_full_attention_changes_output_only_inside_clip_context():
+    left, warped, _, mask = batch(T=2)
+    on = build_refiner(vae=VAE, seed=1).eval()
+    off = build_refiner(vae=VAE, seed=1, full_attention=False).eval()
+    with torch.no_grad():
+        c = on.build_conditioning(left, warped, mask, cond_aug=0.0)
+        a, b = on.predict_one_step(c), off.predict_one_step(c)
+        assert (a - b).abs().max() > 1e-5
+        no_hole = on.build_conditioning(left, warped, torch.zeros_like(mask), cond_aug=0.0)
+        assert torch.allclose(on.predict_one_step(no_hole), off.predict_one_step(no_hole), atol=1e-6)
+
+
+def test_gradient_checkpointing_option():
+    model = build_refiner(vae=VAE, gradient_checkpointing=True).train()
+    assert model.unet.is_gradient_checkpointing
+    left, warped, right, mask = batch()
+    cond = model.build_conditioning(left, warped, mask)
+    model.predict_one_step(cond).square().mean().backward()
+    assert model.unet.conv_in.weight.grad is not None
