@@ -1,0 +1,559 @@
+"""Tables 4-10 of the paper from the sweeps' MLflow runs, beside the paper's published numbers.
+
+The notebook `notebooks/tables_4_10.ipynb` only calls this module. Data flow:
+
+    load_runs(uri) -> tidy frame (one row per finished trial run x metric)
+    build_table(runs, "4") -> TableResult (ours: mean and std over seeds; paper: published numbers)
+    plot_* (runs, ...) -> matplotlib Figures
+
+What the sweeps log (one MLflow experiment `sweep-<ablation>`, one child run per trial tagged
+m2s.kind=trial, m2s.arm, m2s.seed, ...): final metrics `test/<dataset>/<metric>[_inside|_outside]`,
+`test/latency_s`, `test/steps`, and the artifact `qualitative/<dataset>_clip0.npz`.
+A table cell with no finished run is NaN (shown as "—"); nothing is filled in.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lightning_m2s import paper_results, tracking
+from lightning_m2s.config import PROJECT_ROOT
+from lightning_m2s.errors import M2SError
+
+NOTEBOOK = PROJECT_ROOT / "notebooks" / "tables_4_10.ipynb"
+ABLATIONS = ("left_cond", "full_attention", "loss", "inference_steps", "runtime", "baselines", "hparams")
+# The arms each grid sweep has, in the order plots show them (arms found beyond these are appended).
+ARMS = {
+    "left_cond": ("without_left", "with_left"),
+    "full_attention": ("without_full_attention", "with_full_attention"),
+    "loss": ("A_standard_25", "B_standard_1", "C_latent", "D_end_to_end"),
+    "inference_steps": ("standard_1", "standard_5", "standard_25", "end_to_end_1", "end_to_end_5", "end_to_end_25"),
+    "runtime": ("without_full_attention", "with_full_attention"),
+    "baselines": ("warp_only", "classical_fill", "m2svid"),
+}
+DATASET_ORDER = ("synthetic", "real", "stereo4d", "ego4d")
+REGIONS = ("full", "inside", "outside")
+QUALITY = ("psnr", "ms_ssim", "lpips")
+NO_DATASET = "all"  # dataset of metrics that are per clip, not per evaluation set (latency, steps)
+DIGITS = {"psnr": 2, "ms_ssim": 3, "lpips": 3, "latency_s": 3, "temporal_error": 4}
+TIDY_COLUMNS = ["experiment", "ablation", "arm", "seed", "dataset", "region", "metric", "value", "run_id", "study"]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_metric(key: str) -> tuple[str, str, str] | None:
+    """'test/real/psnr_inside' -> ('real', 'inside', 'psnr'); 'test/latency_s' -> ('all', 'full', 'latency_s');
+    None for anything that is not a final test metric (train curves, validation)."""
+    parts = key.split("/")
+    if parts[0] != "test" or len(parts) not in (2, 3):
+        return None
+    if len(parts) == 2:
+        return NO_DATASET, "full", parts[1]
+    dataset, name = parts[1], parts[2]
+    for region in ("inside", "outside"):
+        if name.endswith("_" + region):
+            return dataset, region, name[: -len(region) - 1]
+    return dataset, "full", name
+
+
+def _trial_runs(client, ablations) -> list:
+    """Every trial run (any status) of the given ablations' experiments."""
+    runs = []
+    for ablation in ablations:
+        exp = client.get_experiment_by_name(f"sweep-{ablation}")
+        if exp is None:
+            continue
+        token = None
+        while True:  # search_runs pages at 1000 runs
+            page = client.search_runs([exp.experiment_id], filter_string="tags.`m2s.kind` = 'trial'",
+                                      max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    return runs
+
+
+def _seed(tag: str | None):
+    try:
+        return int(tag)
+    except (TypeError, ValueError):
+        return tag
+
+
+def run_overview(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
+    """One row per trial run, failed and unfinished ones included: how many runs each arm has, by status."""
+    rows = []
+    for run in _trial_runs(tracking.client(tracking_uri), ablations):
+        tags = run.data.tags
+        rows.append({"experiment": tags.get("m2s.experiment"), "ablation": tags.get("m2s.ablation"),
+                     "arm": tags.get("m2s.arm"), "seed": _seed(tags.get("m2s.seed")), "status": run.info.status,
+                     "run_id": run.info.run_id, "start_time": run.info.start_time})
+    columns = ["experiment", "ablation", "arm", "seed", "status", "run_id", "start_time"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def status_counts(overview: pd.DataFrame) -> pd.DataFrame:
+    """Trial runs per (experiment, ablation, arm) and status: what exists, what failed, what is running."""
+    if overview.empty:
+        return pd.DataFrame()
+    return overview.groupby(["experiment", "ablation", "arm", "status"]).size().unstack("status", fill_value=0)
+
+
+def load_runs(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
+    """Tidy frame of the final test metrics of every FINISHED trial run: columns TIDY_COLUMNS.
+
+    Failed, running and killed runs are left out. When one (experiment, ablation, arm, seed, steps) was run
+    more than once, the newest finished run counts: a re-run replaces, it is not another seed.
+    """
+    newest = {}
+    for run in _trial_runs(tracking.client(tracking_uri), ablations):
+        if run.info.status != "FINISHED":
+            continue
+        tags = run.data.tags
+        key = (tags.get("m2s.experiment"), tags.get("m2s.ablation"), tags.get("m2s.arm"), tags.get("m2s.seed"),
+               run.data.metrics.get("test/steps"))  # the same arm evaluated at other steps is another row
+        if key not in newest or run.info.start_time > newest[key].info.start_time:
+            newest[key] = run
+    rows = []
+    for run in newest.values():
+        tags = run.data.tags
+        for key, value in run.data.metrics.items():
+            parsed = parse_metric(key)
+            if parsed is None:
+                continue
+            rows.append({"experiment": tags.get("m2s.experiment"), "ablation": tags.get("m2s.ablation"),
+                         "arm": tags.get("m2s.arm"), "seed": _seed(tags.get("m2s.seed")),
+                         "dataset": parsed[0], "region": parsed[1], "metric": parsed[2], "value": float(value),
+                         "run_id": run.info.run_id, "study": tags.get("m2s.study")})
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def run_table(runs: pd.DataFrame, ablation: str) -> pd.DataFrame:
+    """One row per finished run of an ablation (arm, seed), one column per test metric: the raw numbers."""
+    sub = runs[runs.ablation == ablation]
+    if sub.empty:
+        return pd.DataFrame()
+    sub = sub.assign(key=sub.dataset + "/" + sub.metric + np.where(sub.region == "full", "", "_" + sub.region))
+    return sub.pivot_table(index=["experiment", "arm", "seed"], columns="key", values="value", aggfunc="first")
+
+
+# ---------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a paper table: its label, where our runs come from, and the paper row it matches."""
+
+    label: str
+    steps: str  # the inference-steps column as the paper prints it ("—" where it has none)
+    ablation: str | None = None  # None: the paper has this row, we have no runs for it
+    arm: str | None = None
+    paper: str | None = None  # row key in paper_results; None: a row of ours only
+    match_steps: bool = False  # the arm alone does not fix the steps: keep runs whose test/steps equals `steps`
+
+    @property
+    def source(self) -> str:
+        return f"{self.ablation}/{self.arm}" if self.ablation else "—"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    number: str
+    title: str
+    about: str  # one sentence on what the paper's table shows
+    rows: tuple[Row, ...]
+    regions: tuple[str, ...] = ("full",)
+    metrics: tuple[str, ...] = QUALITY
+
+
+_WARP, _LEFT = "Cond. with V_r^warp + M_r^occ", "Cond. with V_r^warp + M_r^occ + V_l"
+_COND_ROWS = (
+    Row(_WARP, "25", "left_cond", "without_left", "warp+mask", match_steps=True),
+    Row(_LEFT, "25", "left_cond", "with_left", "warp+mask+left", match_steps=True),
+    Row(_WARP, "1", "left_cond", "without_left", "warp+mask", match_steps=True),
+    Row(_LEFT, "1", "left_cond", "with_left", "warp+mask+left", match_steps=True),
+    # The full_attention sweep's control arm is the paper's "+ V_l, 1 step" row again, from its own runs.
+    Row(_LEFT, "1", "full_attention", "without_full_attention", "warp+mask+left", match_steps=True),
+    Row("+full attention", "1", "full_attention", "with_full_attention", "+full attention", match_steps=True),
+)
+_LOSS_ROWS = (
+    Row("A Standard loss (1)", "25", "loss", "A_standard_25", "A"),
+    Row("B Standard loss (1)", "1", "loss", "B_standard_1", "B"),
+    Row("C L_latent (2)", "1", "loss", "C_latent", "C"),
+    Row("D L_latent + L_LPIPS + L_L1 (5)", "1", "loss", "D_end_to_end", "D"),
+)
+_STANDARD, _E2E = "Sampling t · L_latent", "Fixed t=T · L_latent + L_LPIPS + L_L1"
+
+TABLES = {
+    "4": TableSpec("4", "Left-view conditioning and full attention at disoccluded pixels",
+                   "Conditioning on the left video improves every metric (with 25 and with 1 inference step); "
+                   "full attention at disoccluded pixels leaves the metrics unchanged.", _COND_ROWS),
+    "5": TableSpec("5", "Inference strategies and losses",
+                   "The standard diffusion loss needs 25 steps; 1-step inference blurs (worse LPIPS), latent-only "
+                   "training barely helps, and end-to-end training with image losses (Eq. 5) is best on LPIPS.",
+                   _LOSS_ROWS),
+    "6": TableSpec("6", "Comparison with other methods, full view / inside / outside the disocclusion mask",
+                   "On Stereo4D M2SVid has the best full-image PSNR and LPIPS; SVG keeps the best MS-SSIM by leaving "
+                   "visible pixels untouched. Here the baselines are ours: warping alone and a classical fill.",
+                   (Row("SVG", "50", paper="SVG"),
+                    Row("StereoCrafter", "25", paper="StereoCrafter"),
+                    Row("StereoCrafter", "1", paper="StereoCrafter"),
+                    Row("Warp only (holes left)", "—", "baselines", "warp_only"),
+                    Row("Classical fill", "—", "baselines", "classical_fill"),
+                    Row("M2SVid (Ours)", "1", "baselines", "m2svid", "M2SVid")),
+                   regions=REGIONS),
+    "7": TableSpec("7", "Table 4 with metrics inside the disoccluded regions",
+                   "Left-view conditioning also improves inpainting slightly inside the disocclusion mask.",
+                   _COND_ROWS, regions=("full", "inside")),
+    "8": TableSpec("8", "Table 5 with metrics inside the disoccluded regions",
+                   "Latent-only end-to-end training inpaints about as well as 1-step standard diffusion; the image "
+                   "losses of Eq. 5 mostly lower LPIPS.", _LOSS_ROWS, regions=("full", "inside")),
+    "9": TableSpec("9", "Latency with and without full attention",
+                   "Full attention at disoccluded pixels adds little run time (2.0 s → 2.1 s on an A100 for a "
+                   "512x512 16-frame video).",
+                   (Row("without full attention on the disoccluded regions", "1", "runtime", "without_full_attention",
+                        "without full attention"),
+                    Row("with full attention on the disoccluded regions", "1", "runtime", "with_full_attention",
+                        "with full attention")),
+                   metrics=("latency_s",)),
+    "10": TableSpec("10", "LPIPS against the number of inference steps",
+                    "With sampled t more steps help and 1 step is poor; the model trained at fixed t=T end to end is "
+                    "best at 1 step and gets worse with more steps.",
+                    tuple(Row(_STANDARD, s, "inference_steps", f"standard_{s}", "sampled t") for s in ("1", "5", "25"))
+                    + tuple(Row(_E2E, s, "inference_steps", f"end_to_end_{s}", "fixed t=T") for s in ("1", "5", "25")),
+                    metrics=("lpips",)),
+}
+
+
+@dataclass
+class TableResult:
+    """A paper table with our numbers and the paper's side by side.
+
+    values: index (row, steps, ours from), columns (source, dataset, region, metric); source is "ours"
+            (or "ours: <experiment>" when runs of several experiments exist) with the mean over seeds, and
+            "paper" with the published number. NaN where there is no finished run / no published number.
+    std:    our columns only: standard deviation over seeds (NaN with fewer than two seeds).
+    seeds:  index as values, one column per ours source: the number of seeds behind each row.
+    missing: "ablation/arm" (with "at N steps" where the steps pick the row) of each row without a finished run.
+    """
+
+    spec: TableSpec
+    values: pd.DataFrame
+    std: pd.DataFrame
+    seeds: pd.DataFrame
+    missing: list[str]
+
+    def note(self) -> str:
+        """One line naming the rows without runs (for the notebook)."""
+        if not self.missing:
+            return f"Table {self.spec.number}: every row of ours has finished runs."
+        return f"Table {self.spec.number}: no finished run yet for {', '.join(self.missing)} (shown as —)."
+
+    def display(self) -> pd.DataFrame:
+        """Strings for reading: ours as 'mean ± std' after a seeds count, the paper's as printed, '—' if missing."""
+        out = {}
+        for col in self.values.columns:
+            source, metric = col[0], col[3]
+            if source == "paper":
+                digits = 1 if metric == "psnr" else DIGITS.get(metric, 3)  # the paper prints PSNR to 0.1 dB
+                out[col] = [_fmt(v, None, digits) for v in self.values[col]]
+                continue
+            if (source, "seeds", "", "") not in out:
+                out[source, "seeds", "", ""] = self.seeds[source].astype(int).astype(str).tolist()
+            out[col] = [_fmt(v, s, DIGITS.get(metric, 3)) for v, s in zip(self.values[col], self.std[col])]
+        shown = pd.DataFrame(out, index=self.values.index)
+        shown.columns.names = self.values.columns.names
+        return shown
+
+
+def _fmt(value: float, spread: float | None, digits: int) -> str:
+    if pd.isna(value):
+        return "—"
+    text = f"{value:.{digits}f}"
+    return text if spread is None or pd.isna(spread) else f"{text} ± {spread:.{digits}f}"
+
+
+def _ordered(values, order) -> list:
+    values = list(dict.fromkeys(values))
+    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+
+
+def _rows_runs(runs: pd.DataFrame, row: Row) -> pd.DataFrame:
+    """The tidy rows of the runs behind one table row."""
+    sub = runs[(runs.ablation == row.ablation) & (runs.arm == row.arm)]
+    if row.match_steps:
+        steps = sub[(sub.metric == "steps") & (sub.value == float(row.steps))]
+        sub = sub[sub.run_id.isin(steps.run_id)]
+    return sub
+
+
+def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = None) -> TableResult:
+    """Table `number` ("4" ... "10") in the paper's layout from the tidy runs of load_runs()."""
+    spec = TABLES[str(number)]
+    paper = paper_results.frame() if paper is None else paper
+    paper = paper[paper.table == spec.number]
+    index = pd.MultiIndex.from_tuples([(r.label, r.steps, r.source) for r in spec.rows],
+                                      names=["row", "steps", "ours from"])
+    per_row = [_rows_runs(runs, r) if r.ablation else runs.iloc[:0] for r in spec.rows]
+    relevant = pd.concat(per_row)
+    relevant = relevant[relevant.metric.isin(spec.metrics) & relevant.region.isin(spec.regions)]
+
+    # Our column groups: the datasets the runs evaluated on (synthetic and real when there are none yet).
+    if spec.metrics == ("latency_s",):
+        our_datasets = [NO_DATASET]
+    else:
+        found = relevant.dataset.unique()
+        our_datasets = _ordered(found, DATASET_ORDER) if len(found) else ["synthetic", "real"]
+    # One "ours" column group per experiment (tiny, svd_xt, ...) that has runs for this table: their numbers
+    # are never averaged together. Plain "ours" when the whole store holds a single experiment.
+    in_store = sorted(runs.experiment.dropna().unique())
+    experiments = sorted(pd.concat(per_row).experiment.dropna().unique()) or in_store or [None]
+    sources = {e: "ours" if len(in_store) <= 1 else f"ours: {e}" for e in experiments}
+
+    def cols(source, datasets):
+        return [(source, d, g, m) for d in datasets for g in spec.regions for m in spec.metrics]
+
+    paper_datasets = _ordered(paper.dataset.unique(), DATASET_ORDER)
+    columns = [c for e in experiments for c in cols(sources[e], our_datasets)] + cols("paper", paper_datasets)
+    values = pd.DataFrame(np.nan, index=index, columns=pd.MultiIndex.from_tuples(
+        columns, names=["source", "dataset", "region", "metric"]))
+    std = values[[c for c in columns if c[0] != "paper"]].copy()
+    seeds = pd.DataFrame(0, index=index, columns=list(sources.values()))
+    missing = []
+
+    for i, (row, sub) in enumerate(zip(spec.rows, per_row)):
+        if row.ablation and sub.empty:
+            missing.append(f"{row.source} at {row.steps} step{'' if row.steps == '1' else 's'}"
+                           if row.match_steps else row.source)
+        for exp in experiments:
+            mine = sub if exp is None else sub[sub.experiment == exp]
+            seeds.iloc[i, list(sources).index(exp)] = mine.seed.nunique()
+            for (d, g, m), group in mine.groupby(["dataset", "region", "metric"]):
+                col = (sources[exp], d, g, m)
+                if col in values.columns:
+                    values.iloc[i, values.columns.get_loc(col)] = group.value.mean()
+                    std.iloc[i, std.columns.get_loc(col)] = group.value.std(ddof=1)  # NaN for one seed
+        if row.paper:
+            mine = paper[(paper.row == row.paper) & (paper.steps == int(row.steps))]
+            for rec in mine.itertuples():
+                col = ("paper", rec.dataset, rec.region, rec.metric)
+                if col in values.columns:
+                    values.iloc[i, values.columns.get_loc(col)] = rec.value
+    return TableResult(spec, values, std, seeds, missing)
+
+
+def build_tables(runs: pd.DataFrame) -> dict[str, TableResult]:
+    return {n: build_table(runs, n) for n in TABLES}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _arms(runs: pd.DataFrame, ablation: str) -> list[str]:
+    found = runs.loc[runs.ablation == ablation, "arm"].unique()
+    return list(ARMS.get(ablation, ())) + sorted(a for a in found if a not in ARMS.get(ablation, ()))
+
+
+def _bars(ax, runs: pd.DataFrame, arms: list[str], labels: list[str] | None = None) -> None:
+    """Bars of the mean over seeds, std as error bars, each seed as a dot; 'missing' where no run."""
+    for x, arm in enumerate(arms):
+        vals = runs.loc[runs.arm == arm, "value"].to_numpy()
+        if len(vals) == 0:
+            ax.text(x, 0, "missing", rotation=90, ha="center", va="bottom", fontsize=8, color="0.4")
+            continue
+        ax.bar(x, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else None, color=f"C{x}", alpha=0.7,
+               capsize=3)
+        ax.plot(np.full(len(vals), x), vals, "k.", ms=4)
+    ax.set_xticks(range(len(arms)), labels or arms, rotation=30, ha="right", fontsize=8)
+
+
+def _figure(**kwargs):
+    """A Figure outside pyplot: nothing keeps it alive, and a notebook shows it once (as the cell's value)."""
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def _empty(message: str):
+    fig = _figure(figsize=(6, 1.2))
+    ax = fig.subplots()
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    ax.axis("off")
+    return fig
+
+
+def plot_ablation(runs: pd.DataFrame, ablation: str, metrics=QUALITY + ("temporal_error",), region: str = "full"):
+    """Each dataset (rows) x metric (columns): one bar per arm, mean over seeds with std and the seeds as dots."""
+    sub = runs[(runs.ablation == ablation) & (runs.region == region) & runs.metric.isin(metrics)]
+    if sub.empty:
+        return _empty(f"no finished runs in sweep-{ablation}")
+    datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
+    metrics = [m for m in metrics if m in set(sub.metric)]
+    arms = _arms(runs, ablation)
+    fig = _figure(figsize=(3 * len(metrics), 2.8 * len(datasets)))
+    axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
+    for r, d in enumerate(datasets):
+        for c, m in enumerate(metrics):
+            _bars(axes[r, c], sub[(sub.dataset == d) & (sub.metric == m)], arms)
+            axes[r, c].set_title(f"{d}: {m}" + ("" if region == "full" else f" ({region})"), fontsize=9)
+    fig.suptitle(f"sweep-{ablation}: mean over seeds, std bars, one dot per seed")
+    return fig
+
+
+def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
+    """Table 10: LPIPS against inference steps, standard vs end-to-end training; the paper's in its own panel."""
+    paper = paper_results.frame() if paper is None else paper
+    sub = runs[(runs.ablation == "inference_steps") & (runs.metric == "lpips") & (runs.region == "full")]
+    datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
+    fig = _figure(figsize=(4 * (len(datasets) + 1), 3.2))
+    axes = fig.subplots(1, len(datasets) + 1, squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        regimes = (("standard", "sampled t (standard)"), ("end_to_end", "fixed t=T (Eq. 5)"))
+        for k, (regime, label) in enumerate(regimes):
+            pts = []
+            for steps in (1, 5, 25):
+                vals = sub[(sub.dataset == d) & (sub.arm == f"{regime}_{steps}")].value
+                if len(vals):
+                    pts.append((steps, vals.mean(), vals.std(ddof=1) if len(vals) > 1 else 0.0))
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{k}", label=label)
+        ax.set_title(f"ours: {d}", fontsize=9)
+    paper10 = paper[paper.table == "10"]
+    ax = axes[0, -1]
+    for k, (row, label) in enumerate((("sampled t", "sampled t"), ("fixed t=T", "fixed t=T"))):
+        for d, style, marker in (("stereo4d", "-", "o"), ("ego4d", "--", "s")):
+            pts = paper10[(paper10.row == row) & (paper10.dataset == d)].sort_values("steps")
+            ax.plot(pts.steps, pts.value, style, marker=marker, color=f"C{k}", label=f"{label}, {d}")
+    ax.set_title("paper (Table 10)", fontsize=9)
+    for ax in axes[0]:
+        ax.set_xscale("log")
+        ax.set_xticks([1, 5, 25], ["1", "5", "25"])
+        ax.set_xlabel("inference steps")
+        ax.set_ylabel("LPIPS (lower is better)")
+        ax.legend(fontsize=7)
+    missing = [a for a in ARMS["inference_steps"] if a not in set(sub.arm)]
+    if not datasets:
+        fig.suptitle("no finished runs in sweep-inference_steps: only the paper's curves")
+    elif missing:
+        fig.suptitle(f"missing (no finished run): {', '.join(missing)}", fontsize=9)
+    return fig
+
+
+def plot_latency(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
+    """Table 9: seconds per 16-frame clip with and without full attention, ours and the paper's (A100)."""
+    paper = paper_results.frame() if paper is None else paper
+    arms = list(ARMS["runtime"])
+    sub = runs[(runs.ablation == "runtime") & (runs.metric == "latency_s")]
+    fig = _figure(figsize=(7, 3.2))
+    ours, theirs = fig.subplots(1, 2)
+    _bars(ours, sub, arms, ["without", "with"])
+    ours.set_title("ours (this machine)", fontsize=9)
+    paper9 = paper[paper.table == "9"].set_index("row").value
+    theirs.bar([0, 1], [paper9["without full attention"], paper9["with full attention"]], color=["C0", "C1"],
+               alpha=0.7)
+    theirs.set_xticks([0, 1], ["without", "with"])
+    theirs.set_title("paper (A100, 512x512, 16 frames)", fontsize=9)
+    for ax in (ours, theirs):
+        ax.set_ylabel("latency (s)")
+        ax.set_xlabel("full attention at disoccluded pixels")
+    return fig
+
+
+def load_qualitative(tracking_uri: str | None, run_id: str, dataset: str) -> dict[str, np.ndarray] | None:
+    """The run's `qualitative/<dataset>_clip0.npz` arrays, or None when it has none."""
+    import mlflow
+
+    path = f"qualitative/{dataset}_clip0.npz"
+    uri = tracking.resolve_uri(tracking_uri)
+    if path not in {f.path for f in tracking.client(uri).list_artifacts(run_id, "qualitative")}:
+        return None
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per small file would flood the notebook
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                        tracking_uri=uri)
+            with np.load(local) as data:
+                return {k: data[k] for k in data.files}
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
+def plot_qualitative(runs: pd.DataFrame, ablation: str, tracking_uri: str | None = None, datasets=None):
+    """Per dataset (rows): left, warped, mask, each arm's output (lowest seed's run), ground truth right."""
+    sub = runs[runs.ablation == ablation]
+    if sub.empty:
+        return _empty(f"no finished runs in sweep-{ablation}")
+    datasets = datasets or _ordered([d for d in sub.dataset.unique() if d != NO_DATASET], DATASET_ORDER)
+    arms = _arms(runs, ablation)
+    panels = {}  # (dataset, arm) -> arrays
+    for d in datasets:
+        for arm in arms:
+            mine = sub[sub.arm == arm].sort_values("seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
+            for run_id in mine.run_id.unique():
+                data = load_qualitative(tracking_uri, run_id, d)
+                if data is not None:
+                    panels[d, arm] = data
+                    break
+    columns = ["left", "warped", "mask"] + arms + ["right (ground truth)"]
+    fig = _figure(figsize=(1.8 * len(columns), 2.0 * len(datasets)))
+    axes = fig.subplots(len(datasets), len(columns), squeeze=False)
+    for r, d in enumerate(datasets):
+        inputs = next((panels[d, a] for a in arms if (d, a) in panels), {})  # the same clip for every arm
+        images = [inputs.get("left"), inputs.get("warped"), inputs.get("mask")]
+        images += [panels[d, a]["output"] if (d, a) in panels else None for a in arms]
+        images += [inputs.get("right")]
+        for c, (ax, image) in enumerate(zip(axes[r], images)):
+            if image is None:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", color="0.4", transform=ax.transAxes)
+            elif image.ndim == 2:
+                ax.imshow(image > 0, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=8)
+        axes[r, 0].set_ylabel(d)
+    fig.suptitle(f"sweep-{ablation}: middle frame of clip 0")
+    return fig
+
+
+# ---------------------------------------------------------------- headless run
+
+
+def run_notebook(tracking_uri: str | None, out_html: Path | None = None, notebook: Path = NOTEBOOK,
+                 timeout: int = 1800) -> Path:
+    """Execute the notebook headless (papermill, kernel python3) against `tracking_uri` and write its HTML
+    report (default: next to the notebook). The source notebook is left unchanged; returns the HTML path."""
+    import nbformat
+    import papermill
+    from nbconvert import HTMLExporter
+
+    notebook = Path(notebook)
+    out_html = Path(out_html) if out_html else notebook.with_suffix(".html")
+    uri = tracking.resolve_uri(tracking_uri)  # a malformed URI fails here, before a kernel starts
+    with tempfile.TemporaryDirectory() as tmp:
+        executed = Path(tmp) / notebook.name
+        try:
+            papermill.execute_notebook(str(notebook), str(executed), parameters={"tracking_uri": uri},
+                                       kernel_name="python3", cwd=str(notebook.parent), execution_timeout=timeout,
+                                       progress_bar=False)
+        except papermill.PapermillExecutionError as err:
+            raise M2SError(f"{notebook}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    out_html.write_text(body, encoding="utf-8")
+    return out_html

@@ -1,0 +1,86 @@
+"""`m2s dashboard`: the MLflow UI over the project's tracking store, on 127.0.0.1.
+
+The server runs in its own process group (MLflow may start helper processes) so stopping it stops
+everything it started; MLflow's job-execution workers are switched off (they outlive a plain kill).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from lightning_m2s import tracking
+from lightning_m2s.errors import ConfigError, M2SError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_server(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
+                 artifact_root: str | None = None) -> subprocess.Popen:
+    """Start `mlflow server` over a local sqlite store; returns the process (leader of its group)."""
+    uri = tracking.resolve_uri(uri)
+    if not uri.startswith("sqlite:"):
+        raise ConfigError(f"tracking.uri {uri} is a server already: open it in a browser instead")
+    artifacts = tracking.artifact_location(uri, artifact_root)
+    Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
+           artifacts, "--host", host, "--port", str(port), "--workers", "1"]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
+    """Poll the server's health endpoint until it answers (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise M2SError(f"mlflow server exited with code {proc.returncode}: {err}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise M2SError(f"mlflow server at {url} did not answer within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop the server's whole process group: SIGTERM, then SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> None:
+    """Run the dashboard until Ctrl-C."""
+    proc = start_server(uri, host, port)
+    url = f"http://{host}:{port}"
+    try:
+        wait_ready(proc, url)
+        print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(proc)

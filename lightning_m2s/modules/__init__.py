@@ -1,0 +1,53 @@
+"""LightningModules: the paper's three training variants and two training-free baselines."""
+
+from lightning_m2s.errors import ConfigError
+from lightning_m2s.modules.base import EVAL_DEFAULTS, StereoModule
+from lightning_m2s.modules.baselines import ClassicalFillModule, WarpOnlyModule
+from lightning_m2s.modules.end_to_end import EndToEndModule
+from lightning_m2s.modules.latent_only import LatentOnlyModule
+from lightning_m2s.modules.standard_diffusion import StandardDiffusionModule
+
+MODULES = {
+    "standard_diffusion": StandardDiffusionModule,  # Eq. 1
+    "latent_only": LatentOnlyModule,  # Eq. 2
+    "end_to_end": EndToEndModule,  # Eq. 5, the paper's model
+    "warp_only": WarpOnlyModule,
+    "classical_fill": ClassicalFillModule,
+}
+
+
+def module_class(name: str) -> type[StereoModule]:
+    if name not in MODULES:
+        raise ConfigError(f"module.variant {name!r} is unknown; choose from {sorted(MODULES)}")
+    return MODULES[name]
+
+
+def load_refiner(checkpoint: str, map_location: str = "cpu"):
+    """The trained StereoRefiner of a Lightning checkpoint (any variant) and the module's eval settings.
+
+    Every variant keeps its network under `model.` and its constructor arguments in the checkpoint's
+    hyper_parameters, so the model is rebuilt from config and the weights loaded strictly."""
+    from pathlib import Path
+
+    import torch
+
+    from lightning_m2s.errors import ModelError
+    from lightning_m2s.models.refiner import build_refiner
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
+        raise ModelError(f"checkpoint {path} cannot be read: {err}") from err
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not hparams or "model" not in hparams or "state_dict" not in ckpt:
+        raise ModelError(f"{path} is not a lightning_m2s training checkpoint (no model hyper-parameters)")
+    refiner = build_refiner(**(hparams["model"] or {}))
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = refiner.load_state_dict(state, strict=False)
+    trained_missing = [k for k in missing if k.startswith("unet.")]
+    if trained_missing or unexpected:
+        raise ModelError(f"{path}: weights do not match the model (missing {trained_missing[:3]}, unexpected {unexpected[:3]})")
+    return refiner.eval(), {**EVAL_DEFAULTS, **(hparams.get("eval") or {})}

@@ -1,0 +1,193 @@
+"""The LightningModule every training variant shares: model, shared step, optimiser, evaluation.
+
+A variant only says how its loss is computed (`compute_loss`) and how it predicts at evaluation
+(`predict_latent`); the loop, metrics, long-video augmentation and NaN checks live here once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_m2s.data.clip import StereoClip
+from lightning_m2s.errors import ConfigError, M2SError
+from lightning_m2s.metrics import StereoMetrics
+from lightning_m2s.models.refiner import StereoRefiner, build_refiner
+
+# Evaluation dataset names in metric keys (`test/<dataset>/<metric>`): sources by what they are.
+DATASET_NAMES = {"image_pairs": "real"}
+OPTIM_DEFAULTS = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))
+LONG_VIDEO_DEFAULTS = dict(probability=0.0, distribution="uniform")
+EVAL_DEFAULTS = dict(steps=1, lpips_net="alex", preview_clips=2)
+# One set of loss settings for all variants; each uses its own: standard_diffusion the sigma sampling
+# (EDM log-normal, Hi3D's), end_to_end the Eq. 5 weights (released: each 1.0, LPIPS with VGG16).
+LOSS_DEFAULTS = dict(p_mean=1.0, p_std=1.6, latent_weight=1.0, l1_weight=1.0, lpips_weight=1.0, lpips_net="vgg")
+
+
+class NonFiniteLossError(M2SError, FloatingPointError):
+    """The training loss became NaN or inf."""
+
+
+def dataset_name(meta: dict) -> str:
+    return DATASET_NAMES.get(meta.get("source", "unknown"), meta.get("source", "unknown"))
+
+
+def replace_first_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoClip:
+    """Long-video conditioning (App. E): frames where `known` [B, T] is True get the ground-truth right
+    frame as their warped input and an empty mask, as generated frames do at long-video inference."""
+    k = known[:, :, None, None, None]  # [B, T, 1, 1, 1]
+    return StereoClip(
+        left=batch.left, right=batch.right, disparity=batch.disparity, holes=batch.holes & ~k,
+        warped=torch.where(k, batch.right, batch.warped), mask=batch.mask & ~k, meta=batch.meta,
+    )
+
+
+class StereoModule(L.LightningModule):
+    """Base of the variants. `model` is the `model:` config section (see models.refiner.REFINER_DEFAULTS)."""
+
+    trains = True  # baselines without parameters set False: train() skips fitting them
+
+    def __init__(
+        self,
+        model: dict | None = None,
+        optim: dict | None = None,
+        loss: dict | None = None,
+        eval: dict | None = None,
+        long_video: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim = _with_defaults(OPTIM_DEFAULTS, optim, "optim")
+        self.loss_cfg = _with_defaults(LOSS_DEFAULTS, loss, "module.loss")
+        self.eval_cfg = _with_defaults(EVAL_DEFAULTS, eval, "module.eval")
+        self.long_video = _with_defaults(LONG_VIDEO_DEFAULTS, long_video, "module.long_video")
+        if self.long_video["distribution"] not in ("uniform", "exponential"):
+            raise ConfigError("module.long_video.distribution must be uniform or exponential")
+        self.model: StereoRefiner | None = build_refiner(**(model or {})) if self.trains else None
+        self.metrics: dict[str, StereoMetrics] = {}  # '<stage>/<dataset>' -> metric, made on first use
+        self.latencies: list[float] = []
+        self.previews: list[dict[str, Any]] = []  # first clips per dataset of the last evaluation (media callback)
+
+    # --- what a variant defines ----------------------------------------------------------------
+    def compute_loss(self, batch: StereoClip) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, parts to log) for one training or validation batch."""
+        raise NotImplementedError
+
+    def predict_latent(self, cond) -> torch.Tensor:
+        """The right view's latent at evaluation (one step, or eval.steps Euler steps)."""
+        steps = int(self.eval_cfg["steps"])
+        return self.model.predict_one_step(cond) if steps == 1 else self.model.sample(cond, steps)
+
+    # --- shared pieces ------------------------------------------------------------------------
+    def conditioning(self, batch: StereoClip, eval_mode: bool = False):
+        fps = torch.tensor([m.get("fps", 5.0) for m in batch.meta], device=self.device)
+        cond_aug = self.model.cond_aug_eval if eval_mode else None
+        return self.model.build_conditioning(batch.left, batch.warped, batch.mask, fps_id=fps, cond_aug=cond_aug)
+
+    def predict_video(self, batch: StereoClip) -> torch.Tensor:
+        """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch."""
+        cond = self.conditioning(batch, eval_mode=True)
+        return self.model.decode(self.predict_latent(cond)).clamp(-1, 1)
+
+    def _long_video_augment(self, batch: StereoClip) -> StereoClip:
+        p = self.long_video["probability"]
+        if p <= 0 or torch.rand(()) >= p:
+            return batch
+        B, T = batch.left.shape[:2]
+        if self.long_video["distribution"] == "uniform":  # n in [0, T]
+            n = torch.randint(0, T + 1, (B,))
+        else:  # released: round(Exponential(1)) frames
+            n = torch.distributions.Exponential(1.0).sample((B,)).round().long().clamp(max=T)
+        known = torch.arange(T)[None] < n[:, None]  # [B, T], the first n frames
+        return replace_first_frames_with_truth(batch, known.to(batch.left.device))
+
+    def _metric(self, stage: str, dataset: str) -> StereoMetrics:
+        key = f"{stage}/{dataset}"
+        if key not in self.metrics:
+            self.metrics[key] = StereoMetrics(lpips_net=self.eval_cfg["lpips_net"]).to(self.device)
+        return self.metrics[key]
+
+    # --- Lightning hooks --------------------------------------------------------------------------
+    def training_step(self, batch: StereoClip, batch_idx: int) -> torch.Tensor:
+        batch = self._long_video_augment(batch)
+        loss, parts = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            videos = [f"{m.get('source')}:{m.get('video')}@{m.get('start_frame')}" for m in batch.meta]
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step}, batch {batch_idx} "
+                f"(clips {videos}); lower optim.lr or enable trainer.gradient_clip_val"
+            )
+        B = batch.left.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=B)
+        return loss
+
+    def _evaluate(self, batch: StereoClip, stage: str) -> None:
+        start = time.perf_counter()
+        pred = self.predict_video(batch)
+        seconds = time.perf_counter() - start
+        T = batch.left.shape[1]
+        self.latencies.append(seconds / batch.left.shape[0] * 16 / T)  # per 16-frame clip
+        for i, meta in enumerate(batch.meta):
+            dataset = dataset_name(meta)
+            self._metric(stage, dataset).update(pred[i : i + 1], batch.right[i : i + 1], batch.mask[i : i + 1])
+            if sum(p["dataset"] == dataset for p in self.previews) < self.eval_cfg["preview_clips"]:
+                self.previews.append({
+                    "dataset": dataset, "left": batch.left[i].cpu(), "warped": batch.warped[i].cpu(),
+                    "mask": batch.mask[i].cpu(), "output": pred[i].cpu(), "right": batch.right[i].cpu(),
+                })
+
+    def _start_evaluation(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self.metrics.clear()
+        self.latencies.clear()
+        self.previews.clear()
+
+    def _end_evaluation(self, stage: str) -> None:
+        logs = {}
+        for key, metric in self.metrics.items():
+            values = metric.compute()
+            logs.update({f"{key}/{name}": float(v) for name, v in values.items() if not name.startswith("n_videos")})
+        if self.latencies:
+            logs[f"{stage}/latency_s"] = sum(self.latencies) / len(self.latencies)
+        logs[f"{stage}/steps"] = float(self.eval_cfg["steps"]) if self.trains else 0.0
+        self.log_dict(logs, sync_dist=False, rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def validation_step(self, batch: StereoClip, batch_idx: int) -> None:
+        if self.trains:
+            loss, _ = self.compute_loss(batch)
+            self.log("val/loss", loss, batch_size=batch.left.shape[0])
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def test_step(self, batch: StereoClip, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def configure_optimizers(self):
+        o = self.optim
+        return torch.optim.AdamW(self.model.trainable_parameters(), lr=o["lr"], weight_decay=o["weight_decay"],
+                                 betas=tuple(o["betas"]))
+
+
+def _with_defaults(defaults: dict, given: dict | None, section: str) -> dict:
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}

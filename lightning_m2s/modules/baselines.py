@@ -1,0 +1,43 @@
+"""Floors for every table, evaluated through the same data and metrics as the model (Table 6 layout).
+
+- warp-only: the warped right view with its holes left as they are (black);
+- classical fill: each hole pixel takes the colour of the nearest known pixel to its right in the row.
+  Disocclusions in the right view open on the right of a foreground edge (the foreground moves left
+  more than the background), so the right-hand neighbour is background: background-side fill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_m2s.modules.base import StereoModule
+
+
+def background_side_fill(warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """warped [..., C, H, W], mask bool [..., 1, H, W] -> holes filled from the right along each row."""
+    W = warped.shape[-1]
+    known = ~mask.expand_as(warped)
+    cols = torch.arange(W, device=warped.device).expand_as(warped)
+    # index of the nearest known column at or to the right of each pixel (W if none)
+    candidate = torch.where(known, cols, torch.full_like(cols, W))
+    nearest = candidate.flip(-1).cummin(-1).values.flip(-1)
+    # rows with no known pixel to the right fall back to the nearest known pixel on the left
+    left_candidate = torch.where(known, cols, torch.full_like(cols, -1))
+    nearest_left = left_candidate.cummax(-1).values
+    source = torch.where(nearest < W, nearest, nearest_left).clamp(0, W - 1)
+    filled = warped.gather(-1, source)
+    return torch.where(known, warped, filled)
+
+
+class WarpOnlyModule(StereoModule):
+    trains = False
+
+    def predict_video(self, batch):
+        return batch.warped
+
+
+class ClassicalFillModule(StereoModule):
+    trains = False
+
+    def predict_video(self, batch):
+        return background_side_fill(batch.warped, batch.mask)

@@ -1,0 +1,123 @@
+"""train(cfg) -> metrics: fit one variant, test it, log everything to MLflow. `main()` is thin.
+
+An interrupted run started again with the same output folder resumes from its last checkpoint into
+the same MLflow run (the run id is kept beside the checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_m2s import tracking
+from lightning_m2s.callbacks import MediaLogger
+from lightning_m2s.config import PROJECT_ROOT, load_config, to_container
+from lightning_m2s.data.datamodule import StereoDataModule
+from lightning_m2s.modules import module_class
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.meta.output_dir:
+        return Path(cfg.meta.output_dir)
+    return PROJECT_ROOT / "outputs" / cfg.meta.experiment / (cfg.meta.run_name or "default")
+
+
+def build_module(cfg: DictConfig):
+    """The variant's LightningModule from the resolved config (with the tiny VAE stage run if needed)."""
+    model_cfg = to_container(cfg.model)
+    cls = module_class(cfg.module.variant)
+    if cls.trains and model_cfg.get("pretrained") is None and model_cfg.get("vae_path") is None and cfg.vae_stage.enabled:
+        from lightning_m2s.vae_stage import ensure_tiny_vae
+
+        model_cfg["vae_path"] = str(ensure_tiny_vae(to_container(cfg.vae_stage), model_cfg.get("vae")))
+        model_cfg["vae"] = None
+    return cls(
+        model=model_cfg, optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
+        eval=to_container(cfg.module.eval), long_video=to_container(cfg.module.long_video),
+    )
+
+
+def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
+    """The MLflow logger; the run id is remembered in the output folder so a restart resumes its run."""
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run_id = cfg.tracking.run_id
+    id_file = out / "mlflow_run_id"
+    if not run_id and id_file.exists():
+        run_id = id_file.read_text().strip()
+    client = tracking.client(uri)
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    if not run_id:
+        run = client.create_run(exp_id, run_name=cfg.meta.run_name or cfg.meta.experiment, tags={
+            "m2s.kind": "train", "m2s.experiment": cfg.meta.experiment, "m2s.git_commit": tracking.git_commit(),
+        })
+        run_id = run.info.run_id
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    tracking.log_config(client, run_id, cfg)
+    client.set_tag(run_id, "m2s.variant", cfg.module.variant)
+    return MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id,
+                        log_model=False)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (unless the variant is a training-free baseline), test, and return the test metrics."""
+    L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+    datamodule = StereoDataModule(**to_container(cfg.data))
+    module = build_module(cfg)
+    logger = _logger(cfg, out)
+    logger.experiment.log_artifact(logger.run_id, str(out / "config.yaml"))
+
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor=cfg.trainer.monitor,
+                                 mode=cfg.trainer.monitor_mode, save_top_k=1, filename="best")
+    trainer_kwargs = to_container(cfg.trainer)
+    for key in ("monitor", "monitor_mode", "resume"):
+        trainer_kwargs.pop(key)
+    callbacks = [checkpoint, MediaLogger()]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
+    trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
+                        enable_checkpointing=module.trains, **trainer_kwargs)
+    if module.trains:
+        last = out / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
+        if ckpt_path:
+            log.info("resuming from %s", ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if checkpoint.best_model_path:
+            logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if module.trains and checkpoint.best_model_path else None,
+                           verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    if trainer.is_global_zero:
+        logger.experiment.set_terminated(logger.run_id, status="FINISHED")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="m2s train", description="Train and test one experiment.")
+    parser.add_argument("experiment", nargs="?", default="tiny", help="experiment name in experiments/ or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
+    args = parser.parse_args(argv)
+    metrics = train(load_config(args.experiment, args.overrides))
+    for key, value in sorted(metrics.items()):
+        print(f"{key:<40} {value:.4f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
