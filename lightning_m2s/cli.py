@@ -39,6 +39,21 @@ def _notebook(args: argparse.Namespace) -> None:
     print(f"wrote {run_notebook(args.tracking_uri, args.out)}")
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from lightning_m2s.convert import ConvertOptions, convert
+
+    options = ConvertOptions(
+        format=args.format, max_disparity=args.max_disparity, convergence=args.convergence, depth_kind=args.depth_kind,
+        close_kernel=args.close_kernel, steps=args.steps, chunk_frames=args.chunk_frames,
+        overlap_frames=args.overlap_frames, blend_overlap=not args.no_blend_overlap, tile=args.tile, tile_overlap=args.tile_overlap, fps=args.fps,
+        fps_id=args.fps_id, decode_chunk_size=args.decode_chunk_size, device=args.device, seed=args.seed, crf=args.crf,
+        lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
+    )
+    report = convert(args.input, args.checkpoint, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
+    print(f"wrote {report['output']}: {report['frames']} frames {report['height']}x{report['width']} as {report['format']}, "
+          f"{report['chunks']} chunk(s) x {report['tiles_per_chunk']} tile(s), {report['frames_per_second']:.2f} frames/s")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from lightning_m2s import bench
 
@@ -74,6 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="HTML report (default notebooks/tables_4_10.html)")
     p.set_defaults(func=_notebook)
 
+    p = sub.add_parser(
+        "convert", help="convert a monocular video to stereo (sbs, half-sbs, top-bottom, anaglyph, right)",
+        description="Monocular video -> stereo video: depth -> disparity -> forward splat -> mask closing -> "
+        "refinement by a trained checkpoint -> export. Output layouts: sbs (full side-by-side, 2W), half-sbs "
+        "(W), top-bottom (2H), half-top-bottom (H), anaglyph (red-cyan, Dubois), right (the right view only).",
+    )
+    p.add_argument("input", help="the input video (the left view); only read")
+    p.add_argument("--checkpoint", required=True, help="a lightning_m2s training checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="the output video (.mp4, .mkv or .mov), written atomically")
+    p.add_argument("--format", default="sbs", choices=["sbs", "half-sbs", "top-bottom", "half-top-bottom", "anaglyph", "right"],
+                   help="stereo layout: sbs | half-sbs | top-bottom | half-top-bottom | anaglyph | right (default sbs)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--depth", help="depth file: .npy / .npz [T, H, W], a folder of 16-bit PNGs, or a video (luma = inverse depth)")
+    g.add_argument("--depth-model", help="a local transformers depth-estimation model directory (e.g. Depth Anything V2)")
+    p.add_argument("--depth-kind", default="auto", choices=["auto", "depth", "inverse"],
+                   help="what the depth file holds (auto: inverse for PNGs, videos and npz 'disparity'; depth otherwise)")
+    p.add_argument("--max-disparity", type=float, help="D_max in pixels (default 5%% of the width)")
+    p.add_argument("--convergence", type=float, default=0.0, help="zero-parallax plane as a fraction 0..1 of D_max (default 0)")
+    p.add_argument("--close-kernel", type=int, help="mask closing kernel (default 11 at 512 px, scaled, odd)")
+    p.add_argument("--steps", type=int, help="refinement steps (default: the checkpoint's, 1)")
+    p.add_argument("--chunk-frames", type=int, default=16, help="frames per refinement chunk (default 16)")
+    p.add_argument("--overlap-frames", type=int, default=4, help="generated frames carried into the next chunk (default 4)")
+    p.add_argument("--no-blend-overlap", action="store_true", help="keep the last chunk's carried frames as they are "
+                   "(default: cross-fade them to the next chunk's prediction)")
+    p.add_argument("--tile", type=int, help="tile side in pixels for high resolution (default: whole frame)")
+    p.add_argument("--tile-overlap", type=int, help="tile overlap in pixels, blended in latent space (default: tile / 4)")
+    p.add_argument("--fps", type=float, help="output frame rate (default: the input's)")
+    p.add_argument("--fps-id", type=float, help="the model's fps conditioning (default: the input's fps)")
+    p.add_argument("--decode-chunk-size", type=int, default=8, help="frames per VAE decoder call (default 8)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the condition noise augmentation")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
+    p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 (bit-exact, large)")
+    p.add_argument("--save-intermediates", metavar="DIR", help="also write depth.mp4, warped.mp4 and mask.mp4 there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert)
+
     p = sub.add_parser("bench", help="run benchmarks and print their figures")
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
     p.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
@@ -89,3 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     except M2SError as err:
         print(f"m2s {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -131,7 +131,10 @@ def build_lpips(
 
 @functools.lru_cache(maxsize=None)
 def _cached_lpips(net: str, checkpoint: str | None, cache_root: str | None) -> LPIPSDistance:
-    return build_lpips(net, checkpoint, cache_root)
+    # The shared instance may first be asked for inside Lightning's test loop (inference mode); built
+    # there, its buffers would be inference tensors that a later training loss cannot backpropagate through.
+    with torch.inference_mode(False):
+        return build_lpips(net, checkpoint, cache_root)
 
 
 def lpips_network(

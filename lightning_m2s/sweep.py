@@ -191,9 +191,13 @@ def run_sweep(
     storage: str | None = None,
     tracking_uri: str | None = None,
     seed: int = 0,
+    output_root: str | Path | None = None,
     train_fn: Callable | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}."""
+    """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}.
+
+    `train_fn(cfg) -> metrics` defaults to `train.train`; checkpoints go under
+    `<output_root>/sweeps/<study>/<arm>-seed<k>` (default output_root: <checkout>/outputs)."""
     import optuna
 
     from lightning_m2s.train import train
@@ -246,7 +250,7 @@ def run_sweep(
         cfg_overrides = user_overrides + arm_overrides + [
             f"tracking.run_id={run.info.run_id}",
             f"tracking.experiment=sweep-{spec.name}",
-            f"meta.output_dir={PROJECT_ROOT / 'outputs' / 'sweeps' / study_name / key}",
+            f"meta.output_dir={Path(output_root or PROJECT_ROOT / 'outputs') / 'sweeps' / study_name / key}",
         ]
         if tracking_uri:
             cfg_overrides.append(f"tracking.uri={tracking_uri}")

@@ -14,7 +14,6 @@ from lightning_m2s.config import PROJECT_ROOT, flatten
 from lightning_m2s.errors import ConfigError
 
 DEFAULT_DB = PROJECT_ROOT / "mlflow.db"
-DEFAULT_ARTIFACTS = PROJECT_ROOT / "mlartifacts"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 
 
@@ -31,8 +30,8 @@ def artifact_location(uri: str, artifact_root: str | None) -> str | None:
     """Where a new experiment keeps artifacts: the project's folder for a local store, else the server's."""
     if artifact_root:
         return Path(artifact_root).resolve().as_uri()
-    if uri.startswith("sqlite:"):
-        return DEFAULT_ARTIFACTS.resolve().as_uri()
+    if uri.startswith("sqlite:///"):  # beside the database: <checkout>/mlartifacts for the default store
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return None
 
 

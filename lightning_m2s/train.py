@@ -1,4 +1,4 @@
-"""train(cfg) -> metrics: fit one variant, test it, log everything to MLflow. `main()` is thin.
+"""train(cfg) -> metrics: fit one variant, test it, log everything to MLflow (`m2s train` calls it).
 
 An interrupted run started again with the same output folder resumes from its last checkpoint into
 the same MLflow run (the run id is kept beside the checkpoints).
@@ -6,9 +6,8 @@ the same MLflow run (the run id is kept beside the checkpoints).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -19,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_m2s import tracking
 from lightning_m2s.callbacks import MediaLogger
-from lightning_m2s.config import PROJECT_ROOT, load_config, to_container
+from lightning_m2s.config import PROJECT_ROOT, to_container
 from lightning_m2s.data.datamodule import StereoDataModule
 from lightning_m2s.modules import module_class
 
 log = logging.getLogger(__name__)
+# The frozen VAE and frame embedding stay in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -39,7 +40,7 @@ def build_module(cfg: DictConfig):
     if cls.trains and model_cfg.get("pretrained") is None and model_cfg.get("vae_path") is None and cfg.vae_stage.enabled:
         from lightning_m2s.vae_stage import ensure_tiny_vae
 
-        model_cfg["vae_path"] = str(ensure_tiny_vae(to_container(cfg.vae_stage), model_cfg.get("vae")))
+        model_cfg["vae_path"] = str(ensure_tiny_vae(to_container(cfg.vae_stage), model_cfg.get("vae") or None))
         model_cfg["vae"] = None
     return cls(
         model=model_cfg, optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
@@ -87,37 +88,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer_kwargs = to_container(cfg.trainer)
     for key in ("monitor", "monitor_mode", "resume"):
         trainer_kwargs.pop(key)
-    callbacks = [checkpoint, MediaLogger()]
+    callbacks = [checkpoint, MediaLogger()] if module.trains else [MediaLogger()]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
     trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
                         enable_checkpointing=module.trains, **trainer_kwargs)
-    if module.trains:
-        last = out / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
-        if ckpt_path:
-            log.info("resuming from %s", ckpt_path)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if checkpoint.best_model_path:
-            logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
-    results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if module.trains and checkpoint.best_model_path else None,
-                           verbose=False)
+    try:
+        if module.trains:
+            last = out / "checkpoints" / "last.ckpt"
+            ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
+            if ckpt_path:
+                log.info("resuming from %s", ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            if checkpoint.best_model_path:
+                logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
+        best = "best" if module.trains and checkpoint.best_model_path else None
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    except BaseException:
+        if trainer.is_global_zero:
+            logger.experiment.set_terminated(logger.run_id, status="FAILED")
+        raise
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
         logger.experiment.set_terminated(logger.run_id, status="FINISHED")
     return metrics
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="m2s train", description="Train and test one experiment.")
-    parser.add_argument("experiment", nargs="?", default="tiny", help="experiment name in experiments/ or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
-    args = parser.parse_args(argv)
-    metrics = train(load_config(args.experiment, args.overrides))
-    for key, value in sorted(metrics.items()):
-        print(f"{key:<40} {value:.4f}")
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()

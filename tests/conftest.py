@@ -62,3 +62,38 @@ def write_ego4d_clip(root: Path, clip: str, left, right, disparity, fps: float =
 def layouts():
     """Writers for each on-disk layout: folder, stereo4d, ego4d."""
     return {"folder": write_folder_clip, "stereo4d": write_stereo4d_clip, "ego4d": write_ego4d_clip}
+
+
+# --- training stack ---------------------------------------------------------------------------------
+
+def write_tiny_svd_dir(root: Path) -> Path:
+    """A random SVD checkpoint in diffusers format (the img2vid-xt layout) at tiny width."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from lightning_m2s.models.unet import build_tiny_unet
+    from lightning_m2s.models.vae import FrozenVideoVAE
+
+    root = Path(root)
+    torch.manual_seed(0)
+    build_tiny_unet(seed=0).save_pretrained(root / "unet")  # 8 input channels, as img2vid-xt
+    FrozenVideoVAE.from_config(dict(block_out_channels=(32, 32, 32, 32))).vae.save_pretrained(root / "vae")
+    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=64)
+    CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
+    CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
+    EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
+                           sigma_max=700.0, timestep_type="continuous").save_config(root / "scheduler")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_svd_dir(tmp_path_factory):
+    return write_tiny_svd_dir(tmp_path_factory.mktemp("tiny-svd"))
+
+
+def store_overrides(root: Path) -> list[str]:
+    """Config overrides that keep a run's tracking store and outputs inside `root`."""
+    root = Path(root)
+    return [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"meta.output_dir={root / 'out'}"]

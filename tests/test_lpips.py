@@ -136,3 +136,15 @@ def test_unpickler_refuses_anything_but_numpy_arrays():
     payload = pickle.dumps({"f": print})
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         lpips_weights._NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+
+
+def test_network_first_built_in_inference_mode_still_trains_a_loss():
+    # Lightning's test loop runs in inference mode; a loss built later in the same process must still backprop.
+    from lightning_m2s.metrics import _cached_lpips
+
+    _cached_lpips.cache_clear()
+    with torch.inference_mode():
+        lpips_network("alex")
+    x = torch.zeros(1, 3, 32, 32, requires_grad=True)
+    lpips_network("alex")(x, torch.ones(1, 3, 32, 32)).sum().backward()
+    assert x.grad is not None

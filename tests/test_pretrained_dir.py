@@ -15,18 +15,8 @@ from lightning_m2s.models.vae import FrozenVideoVAE
 
 
 @pytest.fixture(scope="module")
-def svd_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-svd")
-    torch.manual_seed(0)
-    build_tiny_unet(seed=0).save_pretrained(root / "unet")  # 8 input channels, as img2vid-xt
-    FrozenVideoVAE.from_config(dict(block_out_channels=(32, 32, 32, 32))).vae.save_pretrained(root / "vae")
-    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=64)
-    CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
-    EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
-                           sigma_max=700.0, timestep_type="continuous").save_config(root / "scheduler")
-    return root
+def svd_dir(tiny_svd_dir):
+    return tiny_svd_dir
 
 
 def test_loads_widens_and_predicts(svd_dir):

@@ -1,0 +1,68 @@
+"""Every experiment file loads, and each runs one training step (the paper-scale one on stand-ins)."""
+
+import pytest
+from conftest import store_overrides, write_stereo4d_clip
+
+from lightning_m2s.config import EXPERIMENTS_DIR, load_config
+from lightning_m2s.errors import ConfigError, ModelError
+from lightning_m2s.train import train
+
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+# One step at the smallest sizes: the experiment's model and objective, not its schedule, are under test.
+SMOKE = [
+    "trainer.max_steps=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "data.buckets=[{frames: 4, size: 32}]", "data.batch_size=1", "data.train_batches=1", "data.num_workers=0",
+    "data.eval_frames=4", "data.eval_size=32", "data.val_clips=1", "data.test_clips=1",
+    "vae_stage.enabled=false", "module.eval.preview_clips=1",
+]
+
+
+def test_the_main_experiments_exist():
+    assert {"base", "tiny", "debug", "svd_xt"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_loads_with_every_key_known(name):
+    cfg = load_config(name)
+    assert cfg.meta.experiment == name
+    assert set(cfg) == set(load_config("base"))
+
+
+def test_unknown_key_in_a_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(f"base_config: {EXPERIMENTS_DIR / 'tiny.yaml'}\nmodel:\n  left_conditon: false\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*model\.left_conditon"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config("tiny", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="no experiment named"):
+        load_config("tiny_typo")
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "svd_xt"])
+def test_one_step_of_each_experiment(name, tmp_path):
+    metrics = train(load_config(name, SMOKE + store_overrides(tmp_path)))
+    assert any(k.startswith("test/synthetic/") for k in metrics)
+    assert all(v == v for v in metrics.values())  # no NaN
+
+
+def test_paper_scale_experiment_runs_one_step_on_stand_ins(tmp_path, tiny_svd_dir, stereo_arrays):
+    left, right, disparity = stereo_arrays
+    for split in ("train", "val", "test"):
+        write_stereo4d_clip(tmp_path / split, f"{split}clip", left, right, disparity)
+    stand_ins = [
+        f"model.pretrained={tiny_svd_dir}", f"data.train_sources=[{{name: stereo4d, root: {tmp_path / 'train'}}}]",
+        f"data.val_sources=[{{name: stereo4d, root: {tmp_path / 'val'}}}]",
+        f"data.test_sources=[{{name: stereo4d, root: {tmp_path / 'test'}}}]",
+        "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true",
+        "model.autocast_dtype=null", "data.pin_memory=false", "data.close_kernel=3", "trainer.accumulate_grad_batches=1",
+        "data.train_fps=30", "data.eval_fps=30", "trainer.check_val_every_n_epoch=1",
+    ]
+    metrics = train(load_config("svd_xt", SMOKE + stand_ins + store_overrides(tmp_path)))
+    assert "test/stereo4d/psnr" in metrics
+
+
+def test_paper_scale_experiment_without_weights_names_the_missing_directory(tmp_path):
+    with pytest.raises(ModelError, match="stable-video-diffusion-img2vid-xt"):
+        train(load_config("svd_xt", SMOKE + store_overrides(tmp_path) + ["trainer.accelerator=cpu"]))

@@ -1,0 +1,113 @@
+"""Training variants end to end on the debug experiment: tracking, checkpoints, resume, NaN stop, DDP."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from conftest import store_overrides
+
+from lightning_m2s.config import load_config
+from lightning_m2s.data.clip import make_clip
+from lightning_m2s.modules import load_refiner
+from lightning_m2s.modules.base import NonFiniteLossError, replace_first_frames_with_truth
+from lightning_m2s.modules.baselines import background_side_fill
+from lightning_m2s.train import train
+
+FAST = ["trainer.enable_progress_bar=false", "data.val_clips=1", "module.eval.preview_clips=1"]
+
+
+def _runs(root):
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("m2s")
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize("variant", ["end_to_end", "latent_only", "standard_diffusion"])
+def test_each_variant_trains_evaluates_and_is_tracked(variant, tmp_path):
+    overrides = FAST + store_overrides(tmp_path) + [f"module.variant={variant}", "module.eval.steps=2"]
+    metrics = train(load_config("debug", overrides))
+    for dataset in ("synthetic", "real"):
+        for name in ("psnr", "psnr_inside", "psnr_outside", "ms_ssim", "lpips", "lpips_inside", "temporal_error"):
+            assert np.isfinite(metrics[f"test/{dataset}/{name}"])
+    assert metrics["test/steps"] == 2 and metrics["test/latency_s"] > 0
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["module.variant"] == variant and run.data.tags["m2s.variant"] == variant
+    assert "train/loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "previews", "qualitative"} <= artifacts
+    qualitative = {a.path for a in client.list_artifacts(run.info.run_id, "qualitative")}
+    assert {"qualitative/synthetic_clip0.npz", "qualitative/real_clip0.npz"} <= qualitative
+    checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    refiner, eval_cfg = load_refiner(str(checkpoint))  # a checkpoint of any variant gives the model back
+    assert eval_cfg["steps"] == 2 and not refiner.training
+
+
+@pytest.mark.parametrize("variant", ["warp_only", "classical_fill"])
+def test_baselines_evaluate_without_training(variant, tmp_path):
+    metrics = train(load_config("debug", FAST + store_overrides(tmp_path) + [f"module.variant={variant}"]))
+    assert np.isfinite(metrics["test/synthetic/psnr"]) and metrics["test/steps"] == 0
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_classical_fill_beats_black_holes_on_real_data(tmp_path):
+    # The fill must be closer to the truth inside the mask than leaving holes black (a floor, not a model).
+    warp = train(load_config("debug", FAST + store_overrides(tmp_path / "w") + ["module.variant=warp_only"]))
+    fill = train(load_config("debug", FAST + store_overrides(tmp_path / "f") + ["module.variant=classical_fill"]))
+    assert fill["test/real/psnr_inside"] > warp["test/real/psnr_inside"] + 1.0
+    assert fill["test/real/psnr_outside"] == pytest.approx(warp["test/real/psnr_outside"])
+
+
+def test_background_side_fill_copies_from_the_right():
+    warped = torch.tensor([[[[1.0, 2.0, 0.0, 0.0, 5.0, 6.0]]]])  # [1, 1, 1, 6]
+    mask = torch.tensor([[[[False, False, True, True, False, False]]]])
+    assert background_side_fill(warped, mask).flatten().tolist() == [1, 2, 5, 5, 5, 6]
+    edge = torch.tensor([[[[False, False, False, False, True, True]]]])  # nothing on the right: the left neighbour
+    assert background_side_fill(warped, edge).flatten().tolist() == [1, 2, 0, 0, 0, 0]
+
+
+def test_long_video_frames_take_the_ground_truth_and_are_known():
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    clip = make_clip(left, right, torch.full((4, 16, 16), 3.0), close_kernel=1)
+    batch = type(clip)(**{k: (v[None] if torch.is_tensor(v) else [v]) for k, v in vars(clip).items()})
+    known = torch.tensor([[True, True, False, False]])
+    out = replace_first_frames_with_truth(batch, known)
+    assert torch.equal(out.warped[0, :2], right[:2]) and torch.equal(out.warped[0, 2:], batch.warped[0, 2:])
+    assert not out.mask[0, :2].any() and torch.equal(out.mask[0, 2:], batch.mask[0, 2:])
+
+
+def test_nan_loss_stops_with_step_and_batch(tmp_path):
+    cfg = load_config("debug", FAST + store_overrides(tmp_path) + ["optim.lr=1e30", "trainer.max_steps=6"])
+    with pytest.raises(NonFiniteLossError, match=r"global step \d+, batch \d+"):
+        train(cfg)
+    _, runs = _runs(tmp_path)
+    assert runs[0].info.status == "FAILED"
+
+
+def test_interrupted_run_resumes_from_its_checkpoint_into_the_same_run(tmp_path):
+    train(load_config("debug", FAST + store_overrides(tmp_path) + ["trainer.max_steps=2"]))
+    train(load_config("debug", FAST + store_overrides(tmp_path) + ["trainer.max_steps=4"]))
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1  # the second call continued the first run
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert max(steps) >= 3 and min(steps) <= 1
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    cmd = [sys.executable, "-m", "lightning_m2s.cli", "train", "debug", "trainer.devices=2", "trainer.strategy=ddp",
+           "trainer.max_steps=2", *FAST, *store_overrides(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "test/synthetic/psnr" in done.stdout
+    _, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 tracks
