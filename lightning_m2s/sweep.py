@@ -97,17 +97,24 @@ def load_sweep(name: str | Path) -> SweepSpec:
 
 
 def _storage(url: str):
+    from filelock import FileLock
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    # Heartbeats let a later run (or another worker) see that a trial's process died: it is failed and
-    # re-queued once instead of staying RUNNING forever.
-    return RDBStorage(
-        url,
-        heartbeat_interval=30,
-        grace_period=120,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-    )
+    def make():
+        # Heartbeats let a later run (or another worker) see that a trial's process died: it is failed
+        # and re-queued once instead of staying RUNNING forever.
+        return RDBStorage(
+            url,
+            heartbeat_interval=30,
+            grace_period=120,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        )
+
+    if url.startswith("sqlite:///"):  # creating the schema twice at once collides: one worker at a time
+        with FileLock(url.removeprefix("sqlite:///") + ".lock"):
+            return make()
+    return make()
 
 
 def _sampler(spec: SweepSpec, seed: int):
@@ -222,13 +229,10 @@ def run_sweep(
     client = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(client, f"sweep-{spec.name}")
     parent_tags = {"m2s.study": study_name, "m2s.kind": "sweep"}
-    parent = tracking.find_run(client, exp_id, parent_tags)
-    if parent is None:
-        parent = client.create_run(exp_id, run_name=study_name, tags={
-            **parent_tags, "m2s.ablation": spec.name, "m2s.experiment": experiment,
-            "m2s.git_commit": tracking.git_commit(), "m2s.objective": spec.objective_metric,
-            "mlflow.note.content": spec.description,
-        })
+    parent = tracking.find_or_create_run(client, exp_id, parent_tags, study_name, {
+        "m2s.ablation": spec.name, "m2s.experiment": experiment, "m2s.git_commit": tracking.git_commit(),
+        "m2s.objective": spec.objective_metric, "mlflow.note.content": spec.description,
+    })
     parent_id = parent.info.run_id
     client.set_terminated(parent_id, status="RUNNING")
 
@@ -240,12 +244,10 @@ def run_sweep(
         trial_seed = trial.params.get("seed", 0)
         key = f"{arm}-seed{trial_seed}" if spec.sampler == "grid" else arm
         run_tags = {"m2s.study": study_name, "m2s.arm": arm, "m2s.trial_key": key, "m2s.kind": "trial"}
-        run = tracking.find_run(client, exp_id, run_tags)  # a retried trial resumes its run
-        if run is None:
-            run = client.create_run(exp_id, run_name=key, tags={
-                **run_tags, "mlflow.parentRunId": parent_id, "m2s.ablation": spec.name,
-                "m2s.experiment": experiment, "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
-            })
+        run = tracking.find_or_create_run(client, exp_id, run_tags, key, {  # a retried trial resumes its run
+            "mlflow.parentRunId": parent_id, "m2s.ablation": spec.name, "m2s.experiment": experiment,
+            "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
+        })
         client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
         cfg_overrides = user_overrides + arm_overrides + [
             f"tracking.run_id={run.info.run_id}",

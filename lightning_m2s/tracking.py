@@ -37,10 +37,17 @@ def artifact_location(uri: str, artifact_root: str | None) -> str | None:
 
 def client(uri: str | None = None):
     import mlflow
+    from filelock import FileLock
 
     uri = resolve_uri(uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri=uri)
+    # The first use creates and migrates the database; two sweep workers doing that at once collide.
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        mlflow_client = mlflow.MlflowClient(tracking_uri=uri)
+        mlflow_client.search_experiments(max_results=1)
+    return mlflow_client
 
 
 def experiment_id(mlflow_client, name: str, artifact_root: str | None = None) -> str:
@@ -49,7 +56,26 @@ def experiment_id(mlflow_client, name: str, artifact_root: str | None = None) ->
     if found is not None:
         return found.experiment_id
     location = artifact_location(mlflow_client.tracking_uri, artifact_root)
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another worker created it in the meantime
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def find_or_create_run(mlflow_client, exp_id: str, tags: dict[str, str], run_name: str, extra_tags: dict[str, str]):
+    """The run with `tags`, created if none exists. Workers that race to create it all settle on the
+    oldest one and delete their own duplicates."""
+    run = find_run(mlflow_client, exp_id, tags)
+    if run is not None:
+        return run
+    mine = mlflow_client.create_run(exp_id, run_name=run_name, tags={**tags, **extra_tags})
+    oldest = find_run(mlflow_client, exp_id, tags, oldest=True)
+    if oldest.info.run_id != mine.info.run_id:
+        mlflow_client.delete_run(mine.info.run_id)
+    return oldest
 
 
 def git_commit() -> str:
@@ -63,10 +89,11 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def find_run(mlflow_client, exp_id: str, tags: dict[str, str]):
-    """The newest run of the experiment whose tags equal `tags`, or None (used to resume)."""
+def find_run(mlflow_client, exp_id: str, tags: dict[str, str], oldest: bool = False):
+    """The newest (or oldest) run of the experiment whose tags equal `tags`, or None (used to resume)."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow_client.search_runs([exp_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1)
+    order = "ASC" if oldest else "DESC"
+    runs = mlflow_client.search_runs([exp_id], filter_string=query, order_by=[f"attributes.start_time {order}"], max_results=1)
     return runs[0] if runs else None
 
 

@@ -122,7 +122,6 @@ def test_two_workers_split_one_grid_without_repeating_a_trial(tmp_path):
     path = tmp_path / "two_workers.yaml"
     path.write_text(yaml.safe_dump(grid))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    optuna.create_study(study_name="two_workers", storage=storage, direction="maximize")  # both workers load it
     cmd = [sys.executable, "-m", "lightning_m2s.cli", "sweep", str(path), "--storage", storage,
            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
