@@ -45,9 +45,9 @@ def _convert(args: argparse.Namespace) -> None:
     options = ConvertOptions(
         format=args.format, max_disparity=args.max_disparity, convergence=args.convergence, depth_kind=args.depth_kind,
         close_kernel=args.close_kernel, steps=args.steps, chunk_frames=args.chunk_frames,
-        overlap_frames=args.overlap_frames, blend_overlap=not args.no_blend_overlap, tile=args.tile, tile_overlap=args.tile_overlap, fps=args.fps,
-        fps_id=args.fps_id, decode_chunk_size=args.decode_chunk_size, device=args.device, seed=args.seed, crf=args.crf,
-        lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
+        overlap_frames=args.overlap_frames, blend_overlap=not args.no_blend_overlap, tile=args.tile,
+        tile_overlap=args.tile_overlap, fps=args.fps, fps_id=args.fps_id, decode_chunk_size=args.decode_chunk_size,
+        device=args.device, seed=args.seed, crf=args.crf, lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
     )
     report = convert(args.input, args.checkpoint, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
     print(f"wrote {report['output']}: {report['frames']} frames {report['height']}x{report['width']} as {report['format']}, "

@@ -13,11 +13,12 @@ while the sweep goes on.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -154,7 +155,7 @@ def _yaml_value(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (list, dict)):
-        return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip().replace("\n", " ")
+        return json.dumps(value)  # JSON is YAML flow syntax, which the dotlist parser reads
     return str(value)
 
 
@@ -199,17 +200,14 @@ def run_sweep(
     tracking_uri: str | None = None,
     seed: int = 0,
     output_root: str | Path | None = None,
-    train_fn: Callable | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}.
 
-    `train_fn(cfg) -> metrics` defaults to `train.train`; checkpoints go under
-    `<output_root>/sweeps/<study>/<arm>-seed<k>` (default output_root: <checkout>/outputs)."""
+    Checkpoints go under `<output_root>/sweeps/<study>/<arm>-seed<k>` (default output_root: <checkout>/outputs)."""
     import optuna
 
     from lightning_m2s.train import train
 
-    train_fn = train_fn or train
     spec = load_sweep(name)
     experiment = experiment or spec.experiment
     user_overrides = [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()] + list(overrides or [])
@@ -258,7 +256,7 @@ def run_sweep(
             cfg_overrides.append(f"tracking.uri={tracking_uri}")
         cfg = load_config(experiment, cfg_overrides)
         try:
-            metrics = train_fn(cfg)
+            metrics = train(cfg)
         except Exception:
             client.set_tag(run.info.run_id, "m2s.error", traceback.format_exc()[-4000:])
             client.set_terminated(run.info.run_id, status="FAILED")

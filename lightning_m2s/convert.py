@@ -1,0 +1,494 @@
+"""`m2s convert`: a monocular video -> a stereo video (paper Sec. 4, App. C.1, App. E).
+
+    depth (file or model) -> disparity (one normalisation per video, D_max, convergence)
+      -> forward splat -> mask closing -> one-step refinement (temporal chunks x spatial tiles)
+      -> export (sbs, half-sbs, top-bottom, half-top-bottom, anaglyph, right)
+
+Long videos (App. E) run in autoregressive temporal chunks: the last `overlap_frames` generated right
+frames enter the next chunk as known frames (their warped input is the generated frame and their mask
+is empty, as `modules.base.replace_first_frames_with_truth` does in training); those frames are written
+once the next chunk has predicted them too, cross-faded from the old to the new prediction, so a model
+that does not reproduce its known frames exactly leaves a smaller seam. Frames are read per chunk
+(decord, by index) and written as they come (a streaming PyAV writer), so host memory is bounded by the
+chunk, not the video. High resolution: every chunk is padded to the model's multiple, split into
+overlapping tiles whose latents are blended with linear ramps over the overlap before one (frame-
+chunked) VAE decode, then cropped back. Outputs go to a temporary file beside the target and are
+renamed into place only when complete; the input is only read.
+
+Python API:
+    report = convert("in.mp4", "model.ckpt", "out.mp4", depth="depth.npz", options=ConvertOptions(format="anaglyph"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightning_m2s.data.clip import to_float_video
+from lightning_m2s.data.video_io import read_frames, video_info
+from lightning_m2s.depth import (
+    DEPTH_KINDS, DEPTH_OVERLAP, DEPTH_WINDOW, DepthSource, estimate_depth, inverse_range, normalised_disparity,
+    open_depth_file,
+)
+from lightning_m2s.errors import ConfigError, DataError
+from lightning_m2s.geometry import close_mask, forward_splat
+from lightning_m2s.stereo_formats import FORMATS, compose
+
+OUTPUT_SUFFIXES = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov"}
+MIN_SIDE = 16  # smallest frame side converted: two latent cells of an 8x VAE
+PAPER_CLOSE_KERNEL, PAPER_SIZE = 11, 512  # mask closing of the paper at 512 px (App. C.1)
+
+
+@dataclass
+class ConvertOptions:
+    """Every setting of a conversion, its default, and why."""
+
+    format: str = "sbs"  # one of stereo_formats.FORMATS
+    max_disparity: float | None = None  # D_max in pixels; None = int(0.05 * width) (released code)
+    convergence: float = 0.0  # zero-parallax plane as a fraction of D_max (0 = everything behind the screen)
+    depth_kind: str = "auto"  # what a depth file holds: depth | inverse | auto (see lightning_m2s.depth)
+    depth_window: int = DEPTH_WINDOW  # depth-model temporal windows (DepthCrafter's 110 / 25, App. C.1)
+    depth_overlap: int = DEPTH_OVERLAP
+    close_kernel: int | None = None  # mask closing; None = 11 at 512 px scaled with the shorter side, odd
+    steps: int | None = None  # refinement steps; None = the checkpoint's eval.steps (1 = Eq. 4)
+    chunk_frames: int = 16  # frames per refinement chunk (the paper trains 4 x 512^2 ... 25 x 192^2)
+    overlap_frames: int = 4  # generated frames fed into the next chunk as known frames (App. E's m)
+    blend_overlap: bool = True  # cross-fade the known frames from the last chunk's output to the new chunk's
+    tile: int | None = None  # tile side in pixels (a multiple of the model's alignment); None = whole frame
+    tile_overlap: int | None = None  # tile overlap in pixels, blended in latent space (linear ramps); None = tile / 4
+    fps: float | None = None  # output frame rate; None = the input's
+    fps_id: float | None = None  # the model's fps conditioning; None = the input's fps (released inference)
+    decode_chunk_size: int = 8  # frames per VAE decoder call
+    device: str | None = None  # None = cuda when available, else cpu
+    seed: int = 0  # noise augmentation of the condition (cond_aug) per chunk
+    crf: int = 18  # H.264 quality (18 = visually lossless)
+    lossless: bool = False  # RGB H.264 at crf 0 (bit-exact pixels; large files)
+    save_intermediates: str | None = None  # folder for depth.mp4, warped.mp4, mask.mp4 (+ depth.npy from a model)
+    progress: bool = True  # a tqdm bar over frames
+
+    def validate(self) -> None:
+        if self.format not in FORMATS:
+            raise ConfigError(f"format {self.format!r}: choose from {', '.join(FORMATS)}")
+        if self.depth_kind not in DEPTH_KINDS:
+            raise ConfigError(f"depth kind {self.depth_kind!r}: choose from {DEPTH_KINDS}")
+        if self.max_disparity is not None and not self.max_disparity > 0:
+            raise ConfigError(f"max_disparity must be > 0 pixels, got {self.max_disparity}")
+        if not 0.0 <= self.convergence <= 1.0:
+            raise ConfigError(f"convergence must be in [0, 1], got {self.convergence}")
+        if self.chunk_frames < 1 or not 0 <= self.overlap_frames < self.chunk_frames:
+            raise ConfigError(
+                f"chunk_frames {self.chunk_frames} / overlap_frames {self.overlap_frames}: "
+                "need chunk_frames >= 1 and 0 <= overlap_frames < chunk_frames"
+            )
+        if self.tile is not None and (self.tile < MIN_SIDE or not 0 <= (self.tile_overlap or 0) < self.tile):
+            raise ConfigError(
+                f"tile {self.tile} / tile_overlap {self.tile_overlap}: need tile >= {MIN_SIDE} and 0 <= overlap < tile"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        if self.close_kernel is not None and (self.close_kernel < 0 or (self.close_kernel > 1 and self.close_kernel % 2 == 0)):
+            raise ConfigError(f"close_kernel must be odd (or 0/1 for none), got {self.close_kernel}")
+        if self.decode_chunk_size < 1:
+            raise ConfigError(f"decode_chunk_size must be >= 1, got {self.decode_chunk_size}")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"fps must be > 0, got {self.fps}")
+
+
+# --- schedules --------------------------------------------------------------------------------------
+class Chunk(NamedTuple):
+    start: int  # first frame of the chunk
+    stop: int  # one past its last frame
+    known: int  # leading frames already generated by the previous chunk (fed in as known frames)
+
+
+def chunk_schedule(num_frames: int, chunk_frames: int, overlap_frames: int) -> list[Chunk]:
+    """Autoregressive chunks covering [0, num_frames): every chunk has chunk_frames frames (the video's
+    length if shorter); chunk k > 0 starts overlap_frames before the previous one ended, except the last,
+    which is moved back to stay full length and so gets more known frames."""
+    if chunk_frames < 1 or not 0 <= overlap_frames < chunk_frames:
+        raise ConfigError(f"chunk_frames {chunk_frames} / overlap_frames {overlap_frames}: need 0 <= overlap < chunk")
+    chunks: list[Chunk] = []
+    done = 0
+    while done < num_frames:
+        start = 0 if not chunks else max(0, min(done - overlap_frames, num_frames - chunk_frames))
+        stop = min(start + chunk_frames, num_frames)
+        chunks.append(Chunk(start, stop, done - start))
+        done = stop
+    return chunks
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of length `tile` covering [0, size) with at least `overlap` between neighbours."""
+    if tile >= size:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def ramp(length: int, width: int, rise: bool, fall: bool) -> torch.Tensor:
+    """Blend weights along one tile axis: 1 inside, linear ramps of `width` cells at the sides that
+    border another tile (rise at the start, fall at the end), never 0."""
+    w = torch.ones(length)
+    if width > 0:
+        r = torch.arange(1, width + 1, dtype=torch.float32) / (width + 1)
+        n = min(width, length)
+        if rise:
+            w[:n] = torch.minimum(w[:n], r[:n])
+        if fall:
+            w[length - n :] = torch.minimum(w[length - n :], r[:n].flip(0))
+    return w
+
+
+def default_close_kernel(height: int, width: int) -> int:
+    """The paper's 11 at 512 px, scaled with the shorter side and made odd (3 at 128 px, 23 at 1080p)."""
+    k = max(1, int(round(PAPER_CLOSE_KERNEL * min(height, width) / PAPER_SIZE)))
+    return k if k % 2 else k + 1
+
+
+def model_alignment(model) -> tuple[int, int]:
+    """(pixels, latent cells) a padded frame must be a multiple of: the VAE's downscale times the UNet's
+    total downsampling (8 x 2 = 16 px for the tiny default, 8 x 8 = 64 px for img2vid-xt)."""
+    down = int(model.vae.downscale)
+    levels = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return down * levels, levels
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def tile_grid(model, H: int, W: int, tile: int | None, tile_overlap: int | None = None):
+    """(tile height, tile width, overlap, row starts, column starts) in pixels of a padded frame H x W:
+    tiles are a multiple of the model's alignment, the overlap a multiple of the VAE's downscale."""
+    align, _ = model_alignment(model)
+    down = int(model.vae.downscale)
+    if H % align or W % align:
+        raise ConfigError(f"frame {H}x{W} is not padded to a multiple of {align}")
+    tile_px = _round_up(tile, align) if tile else max(H, W)
+    th, tw = min(tile_px, H), min(tile_px, W)
+    if tile_overlap is None:
+        tile_overlap = tile_px // 4 if tile else 0
+    ov = min(_round_up(tile_overlap, down), tile_px - down) if tile else 0
+    return th, tw, ov, tile_starts(H, th, ov), tile_starts(W, tw, ov)
+
+
+# --- refinement of one chunk ------------------------------------------------------------------------
+@torch.no_grad()
+def refine_latent(
+    model,
+    left: torch.Tensor,
+    warped: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    steps: int = 1,
+    fps_id: float = 5.0,
+    tile: int | None = None,
+    tile_overlap: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The right view's latent of one padded chunk, tile by tile, blended in latent space.
+
+    left, warped: [T, 3, H, W] in [-1, 1] with H, W multiples of `model_alignment(model)[0]`; mask bool
+    [T, H, W]. Returns [1, T, 4, H/8, W/8]. One tile (tile None or >= the frame) is plain inference.
+    """
+    T, _, H, W = left.shape
+    down = int(model.vae.downscale)
+    th, tw, ov, ys, xs = tile_grid(model, H, W, tile, tile_overlap)
+    h, w = H // down, W // down
+    acc = torch.zeros(1, T, 4, h, w, device=left.device)
+    wsum = torch.zeros(1, 1, 1, h, w, device=left.device)
+    for y in ys:
+        for x in xs:
+            sl = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
+            generator = torch.Generator().manual_seed(seed)  # the same cond_aug noise field per tile
+            cond = model.build_conditioning(
+                left[sl][None], warped[sl][None], mask[:, y : y + th, x : x + tw][None, :, None],
+                fps_id=fps_id, cond_aug=model.cond_aug_eval, generator=generator,
+            )
+            z = model.predict_one_step(cond) if steps == 1 else model.sample(cond, steps)  # [1, T, 4, th/8, tw/8]
+            wy = ramp(th // down, ov // down, rise=y > 0, fall=y + th < H).to(z)
+            wx = ramp(tw // down, ov // down, rise=x > 0, fall=x + tw < W).to(z)
+            weight = (wy[:, None] * wx[None, :])[None, None, None]  # [1, 1, 1, th/8, tw/8]
+            ly, lx = y // down, x // down
+            acc[..., ly : ly + th // down, lx : lx + tw // down] += z * weight
+            wsum[..., ly : ly + th // down, lx : lx + tw // down] += weight
+    return acc / wsum
+
+
+def _pad(x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    """Replicate-pad the last two axes at the bottom / right to (hp, wp)."""
+    H, W = x.shape[-2:]
+    if (H, W) == (hp, wp):
+        return x
+    lead = x.shape[:-2]
+    y = F.pad(x.reshape(-1, 1, H, W).float(), (0, wp - W, 0, hp - H), mode="replicate")
+    return y.reshape(*lead, hp, wp).to(x.dtype)
+
+
+# --- streaming, atomic output -----------------------------------------------------------------------
+class StreamWriter:
+    """Frames in, an H.264 video out, written to a temporary file beside `path` and renamed into place by
+    `commit()` (atomic on one file system); `abort()` (or an exception in a `with` block) removes it."""
+
+    def __init__(self, path: str | Path, fps: float, crf: int = 18, lossless: bool = False):
+        import av
+
+        self.path = Path(path)
+        fmt = OUTPUT_SUFFIXES.get(self.path.suffix.lower())
+        if fmt is None:
+            raise ConfigError(f"output {self.path}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.rate = Fraction(fps).limit_denominator(1001)
+        self.crf, self.lossless = crf, lossless
+        self.container = av.open(str(self.tmp), mode="w", format=fmt)
+        self.stream = None
+        self.frames = 0
+
+    def _open_stream(self, height: int, width: int) -> None:
+        if self.lossless:
+            self.stream = self.container.add_stream("libx264rgb", rate=self.rate)
+            self.stream.pix_fmt, self.stream.options = "rgb24", {"crf": "0", "preset": "ultrafast"}
+        else:  # 4:2:0 needs even sizes; odd sizes keep full chroma
+            self.stream = self.container.add_stream("libx264", rate=self.rate)
+            self.stream.pix_fmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+            self.stream.options = {"crf": str(self.crf), "preset": "medium"}
+        self.stream.height, self.stream.width = height, width
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 [T, H, W, 3]."""
+        import av
+
+        if self.stream is None:
+            self._open_stream(*frames.shape[1:3])
+        for frame in frames:
+            for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                self.container.mux(packet)
+        self.frames += len(frames)
+
+    def commit(self) -> Path:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp made it private; a finished video gets the usual mode
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.container.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _grey(x: torch.Tensor) -> np.ndarray:
+    """[T, H, W] in [0, 1] -> uint8 [T, H, W, 3]."""
+    g = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def boundary_jumps(means: np.ndarray, boundaries: list[tuple[int, int]]) -> dict[str, float]:
+    """Brightness / colour jumps at chunk hand-overs.
+
+    means: the per-frame mean colour [T, 3]; boundaries: (first, last) frame of each hand-over region (a
+    chunk's known frames and its first new frame). The step between frames i-1 and i is the mean over
+    channels of |means[i] - means[i-1]|; "boundary" is the mean over hand-overs of the largest step in
+    each region, "within" the mean step everywhere else. Compare both with the input video's values
+    (its own motion): a seam shows up as a boundary value well above the input's."""
+    if len(means) < 2:
+        return {"boundary": 0.0, "within": 0.0}
+    steps = np.abs(np.diff(means, axis=0)).mean(axis=1)  # steps[i - 1] = frame i-1 -> i
+    region = np.zeros(len(steps), dtype=bool)
+    peaks = []
+    for first, last in boundaries:
+        idx = [i - 1 for i in range(max(first, 1), min(last, len(means) - 1) + 1)]
+        if idx:
+            region[idx] = True
+            peaks.append(steps[idx].max())
+    return {
+        "boundary": float(np.mean(peaks)) if peaks else 0.0,
+        "within": float(steps[~region].mean()) if (~region).any() else 0.0,
+    }
+
+
+# --- the conversion ---------------------------------------------------------------------------------
+def convert(
+    input: str | Path,
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    depth: str | Path | None = None,
+    depth_model: str | Path | None = None,
+    options: ConvertOptions | None = None,
+    model=None,
+    **overrides,
+) -> dict:
+    """Convert `input` to a stereo video at `out`; returns a report (frames, chunks, timing, boundary jumps).
+
+    depth: a depth file (lightning_m2s.depth); depth_model: a transformers depth-estimation directory;
+    exactly one. `model` (a StereoRefiner) skips loading `checkpoint`. `overrides` set ConvertOptions fields.
+    """
+    opts = dataclasses.replace(options or ConvertOptions(), **overrides)
+    opts.validate()
+    start_time = time.perf_counter()
+    input, out = Path(input), Path(out)
+
+    # 1. Inputs: the video, the output path, the depth source, the model
+    info = video_info(input)  # DataError naming the file if missing or unreadable
+    T, H, W = info.num_frames, info.height, info.width
+    if min(H, W) < MIN_SIDE:
+        raise DataError(f"video {input} frames are {H}x{W}; m2s convert needs at least {MIN_SIDE} pixels per side")
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"output {out}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
+    if out.exists() and out.resolve() == input.resolve():
+        raise ConfigError(f"output {out} is the input video; the input is never overwritten")
+    if (depth is None) == (depth_model is None):
+        raise ConfigError("give exactly one depth provider: a depth file (--depth FILE) or a model (--depth-model DIR)")
+    if model is None:
+        from lightning_m2s.modules import load_refiner
+
+        model, eval_cfg = load_refiner(str(checkpoint))  # ModelError naming the file
+    else:
+        eval_cfg = {"steps": 1}
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    steps = int(opts.steps or eval_cfg.get("steps", 1))
+    fps = float(info.fps) if info.fps and np.isfinite(info.fps) and info.fps > 0 else 30.0
+    out_fps = opts.fps or fps
+    fps_id = opts.fps_id if opts.fps_id is not None else fps
+    max_disparity = float(opts.max_disparity or max(1, int(0.05 * W)))
+    kernel = opts.close_kernel if opts.close_kernel is not None else default_close_kernel(H, W)
+    align, _ = model_alignment(model)
+    hp, wp = _round_up(H, align), _round_up(W, align)
+    inter = Path(opts.save_intermediates) if opts.save_intermediates else None
+    if inter is not None:
+        inter.mkdir(parents=True, exist_ok=True)
+
+    with contextlib.ExitStack() as stack:
+        # 2. Depth: a file, or the model's windows written to a memory-mapped .npy; then the range pass
+        if depth_model is not None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="m2s-depth-")))
+            target = (inter or work) / "depth.npy"
+            source: DepthSource = estimate_depth(
+                input, depth_model, target, window=opts.depth_window, overlap=opts.depth_overlap, progress=opts.progress,
+            )
+        else:
+            source = open_depth_file(depth, opts.depth_kind)
+        source.check_matches(T, H, W, input)
+        value_range = inverse_range(source)
+
+        # 3. Writers: the output and the intermediate streams, all atomic
+        writer = stack.enter_context(StreamWriter(out, out_fps, opts.crf, opts.lossless))
+        extras = {}
+        if inter is not None:
+            for name in ("depth", "warped", "mask"):
+                extras[name] = stack.enter_context(StreamWriter(inter / f"{name}.mp4", out_fps, opts.crf, opts.lossless))
+
+        # 4. Chunks: read, warp, refine (tiles), decode, compose, write
+        from tqdm.auto import tqdm
+
+        schedule = chunk_schedule(T, opts.chunk_frames, opts.overlap_frames)
+        bar = stack.enter_context(tqdm(total=T, desc="convert", unit="frame", disable=not opts.progress))
+        held: torch.Tensor | None = None  # the last chunk's generated frames that the next chunk gets as known
+        right_means, left_means = [], []
+
+        def emit(left_frames: np.ndarray, right_frames: torch.Tensor) -> None:
+            right_u8 = _to_uint8(right_frames)
+            writer.write(compose(left_frames, right_u8, opts.format))
+            right_means.append(right_u8.reshape(len(right_u8), -1, 3).mean(axis=1))
+            left_means.append(left_frames.reshape(len(left_frames), -1, 3).mean(axis=1))
+            bar.update(len(left_frames))
+
+        for index, chunk in enumerate(schedule):
+            s, e, known = chunk
+            left_u8 = read_frames(input, range(s, e))  # [t, H, W, 3]
+            left = to_float_video(left_u8)  # [t, 3, H, W]
+            inv = torch.from_numpy(source.inverse(s, e))  # [t, H, W]
+            disparity = normalised_disparity(inv, value_range, max_disparity, opts.convergence)
+            warped, holes = forward_splat(left, disparity)  # [t, 3, H, W], [t, H, W]
+            mask = close_mask(holes, kernel)
+            warped = warped.masked_fill(mask[:, None], -1.0)  # black under M, as in training
+            if inter is not None:
+                lo, hi = value_range
+                extras["depth"].write(_grey((inv[known:] - lo) / max(hi - lo, 1e-6)))
+                extras["warped"].write(_to_uint8(warped[known:]))
+                extras["mask"].write(_grey(mask[known:].float()))
+            if known:  # App. E: generated frames of the previous chunk as known frames, mask empty
+                warped[:known] = held
+                mask[:known] = False
+
+            latent = refine_latent(
+                model, _pad(left, hp, wp).to(device), _pad(warped, hp, wp).to(device), _pad(mask, hp, wp).to(device),
+                steps=steps, fps_id=fps_id, tile=opts.tile, tile_overlap=opts.tile_overlap, seed=opts.seed + index,
+            )
+            with torch.no_grad():
+                right = model.decode(latent, opts.decode_chunk_size)[0, :, :, :H, :W].clamp(-1, 1).float().cpu()
+
+            # Output: the known frames (held back from the last chunk) cross-faded to this chunk's prediction
+            # of them, then this chunk's new frames except those the next chunk will take as known
+            if known:
+                w = (torch.arange(1, known + 1, dtype=torch.float32) / (known + 1))[:, None, None, None]
+                emit(left_u8[:known], (1 - w) * held + w * right[:known] if opts.blend_overlap else held)
+            hold = e - schedule[index + 1].start if index + 1 < len(schedule) else 0
+            emit(left_u8[known : e - s - hold], right[known : e - s - hold])
+            held = right[e - s - hold :]
+
+        if writer.frames != T:
+            raise DataError(f"video {input}: wrote {writer.frames} frames but the video has {T}")
+        for extra in extras.values():
+            extra.commit()
+        writer.commit()
+
+    seconds = time.perf_counter() - start_time
+    boundaries = [(c.start, c.start + c.known) for c in schedule[1:]]  # the frames where chunks hand over
+    grid = tile_grid(model, hp, wp, opts.tile, opts.tile_overlap)
+    right_jump = boundary_jumps(np.concatenate(right_means), boundaries)
+    left_jump = boundary_jumps(np.concatenate(left_means), boundaries)
+    return {
+        "output": str(out),
+        "frames": T,
+        "height": H,
+        "width": W,
+        "format": opts.format,
+        "padded": [hp, wp],
+        "chunks": len(schedule),
+        "chunk_frames": max(c.stop - c.start for c in schedule),
+        "tiles_per_chunk": len(grid[3]) * len(grid[4]),
+        "max_disparity": max_disparity,
+        "close_kernel": kernel,
+        "steps": steps,
+        "seconds": seconds,
+        "frames_per_second": T / seconds,
+        "boundary_jump": right_jump["boundary"],
+        "within_chunk_jump": right_jump["within"],
+        "input_boundary_jump": left_jump["boundary"],
+        "input_within_jump": left_jump["within"],
+    }
