@@ -60,9 +60,32 @@ def read_frames(path: str | Path, indices: Sequence[int] | None = None) -> np.nd
         raise DataError(f"video {path} has {n} frames; requested frame {bad[0]} is out of range")
     try:
         frames = vr.get_batch(idx).asnumpy()
-    except Exception as e:
-        raise DataError(f"cannot decode frames of video {path}: {e}".splitlines()[0]) from e
+    except Exception:  # noqa: BLE001 - decord mis-sizes some small frame widths: decode with PyAV instead
+        frames = None
+    if frames is None or frames.ndim != 4 or frames.shape[-1] != 3:
+        frames = _read_frames_pyav(path, idx)
     return np.ascontiguousarray(frames)
+
+
+def _read_frames_pyav(path: str | Path, idx: list[int]) -> np.ndarray:
+    """The same frames decoded sequentially with PyAV (slower, but exact for any frame size)."""
+    import av
+
+    wanted = set(idx)
+    found: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    found[i] = frame.to_ndarray(format="rgb24")
+                if i >= max(wanted):
+                    break
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the file is unreadable
+        raise DataError(f"cannot decode frames of video {path}: {e}".splitlines()[0]) from e
+    missing = [i for i in idx if i not in found]
+    if missing:
+        raise DataError(f"cannot decode frame {missing[0]} of video {path}")
+    return np.stack([found[i] for i in idx])
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 30.0, lossless: bool = False, crf: int = 18) -> Path:
