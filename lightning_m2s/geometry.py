@@ -77,13 +77,12 @@ def forward_splat(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.T
     image `[..., C, H, W]` float, disparity `[..., H, W]` pixels -> (warped `[..., C, H, W]`,
     holes bool `[..., H, W]`, True where no left pixel landed). Sub-pixel targets are split over the
     two neighbouring columns (linear weights); a depth test keeps the nearest surface. Holes in
-    `warped` are 0. Deterministic. On the CPU without gradients a compiled loop runs (numba); otherwise
-    a vectorised torch version (GPU, autograd). Both compute the same thing.
+    `warped` are 0. Deterministic. RGB on the CPU without gradients runs a compiled loop (numba);
+    otherwise a vectorised torch version (GPU, autograd, other channel counts). Both compute the same.
     """
     _check_splat_inputs(image, disparity)
-    if image.device.type == "cpu" and not (image.requires_grad or disparity.requires_grad):
-        return _splat_numba(image, disparity)
-    return _splat_torch(image, disparity)
+    compiled = image.device.type == "cpu" and image.shape[-3] == 3 and not (image.requires_grad or disparity.requires_grad)
+    return _splat_numba(image, disparity) if compiled else _splat_torch(image, disparity)
 
 
 def _splat_torch(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,13 +127,13 @@ def _get_numba_kernel():
     if _numba_kernel is None:
         import numba
 
-        @numba.njit(cache=True, nogil=True)
-        def kernel(img, disp, out, holes, tol):  # img/out [N, C, H, W] f32, disp [N, H, W] f32
-            N, C, H, W = img.shape
-            col = np.empty(W, dtype=np.int64)  # floor(x - d) per source column
+        @numba.njit(cache=True, nogil=True, fastmath=True)
+        def kernel(img, disp, out, holes, tol):  # img/out [N, 3, H, W] f32, disp [N, H, W] f32
+            N, _, H, W = img.shape
+            col = np.empty(W, dtype=np.int32)  # floor(x - d) per source column
             frac = np.empty(W, dtype=np.float32)
             zrow = np.empty(W, dtype=np.float32)  # nearest disparity reaching each target column
-            acc = np.empty((W, C + 1), dtype=np.float32)  # row accumulator, weight last: stays in L1
+            acc = np.empty((W, 4), dtype=np.float32)  # row accumulator r, g, b, weight: stays in L1
             for n in range(N):
                 for y in range(H):
                     zrow[:] = -np.inf
@@ -151,25 +150,29 @@ def _get_numba_kernel():
                         if f > 0 and 0 <= c0 + 1 < W and d > zrow[c0 + 1]:
                             zrow[c0 + 1] = d
                     for x in range(W):  # 2. blend the two taps of the visible surface
-                        d = disp[n, y, x]
-                        c0 = col[x]
-                        f = frac[x]
+                        d, c0, f = disp[n, y, x], col[x], frac[x]
+                        r, g, b = img[n, 0, y, x], img[n, 1, y, x], img[n, 2, y, x]
                         if 0 <= c0 < W and d >= zrow[c0] - tol:
                             w0 = np.float32(1) - f
-                            acc[c0, C] += w0
-                            for ch in range(C):
-                                acc[c0, ch] += w0 * img[n, ch, y, x]
+                            a = acc[c0]
+                            a[0] += w0 * r
+                            a[1] += w0 * g
+                            a[2] += w0 * b
+                            a[3] += w0
                         c1 = c0 + 1
                         if f > 0 and 0 <= c1 < W and d >= zrow[c1] - tol:
-                            acc[c1, C] += f
-                            for ch in range(C):
-                                acc[c1, ch] += f * img[n, ch, y, x]
+                            a = acc[c1]
+                            a[0] += f * r
+                            a[1] += f * g
+                            a[2] += f * b
+                            a[3] += f
                     for x in range(W):  # 3. normalise; no weight = hole (0)
-                        s = acc[x, C]
+                        s = acc[x, 3]
                         holes[n, y, x] = s <= 0
                         inv = np.float32(1) / s if s > 0 else np.float32(0)
-                        for ch in range(C):
-                            out[n, ch, y, x] = acc[x, ch] * inv
+                        out[n, 0, y, x] = acc[x, 0] * inv
+                        out[n, 1, y, x] = acc[x, 1] * inv
+                        out[n, 2, y, x] = acc[x, 2] * inv
 
         _numba_kernel = kernel
     return _numba_kernel
