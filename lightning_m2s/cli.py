@@ -23,6 +23,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
     summary = run_sweep(args.ablation, experiment=args.experiment, overrides=args.overrides, trials=args.trials,
                         storage=args.storage, tracking_uri=args.tracking_uri)
+    if not summary:  # an extra rank process of a multi-device trial
+        return
     print(f"\nstudy {summary['study']} (objective {summary['objective']}, {summary['direction']}):")
     print(format_table(summary))
 

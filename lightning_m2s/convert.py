@@ -217,7 +217,10 @@ def refine_latent(
                 left[sl][None], warped[sl][None], mask[:, y : y + th, x : x + tw][None, :, None],
                 fps_id=fps_id, cond_aug=model.cond_aug_eval, generator=generator,
             )
-            z = model.predict_one_step(cond) if steps == 1 else model.sample(cond, steps)  # [1, T, 4, th/8, tw/8]
+            if steps == 1:  # Eq. 4: one step from a zero latent
+                z = model.predict_one_step(cond)  # [1, T, 4, th/8, tw/8]
+            else:  # multi-step sampling starts from noise (from zeros it would only reach the mean)
+                z = model.sample(cond, steps, noise=torch.randn(cond.latent_shape, generator=generator))
             wy = ramp(th // down, ov // down, rise=y > 0, fall=y + th < H).to(z)
             wx = ramp(tw // down, ov // down, rise=x > 0, fall=x + tw < W).to(z)
             weight = (wy[:, None] * wx[None, :])[None, None, None]  # [1, 1, 1, th/8, tw/8]

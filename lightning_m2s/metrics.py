@@ -394,13 +394,16 @@ class StereoMetrics(Metric):
             ok["temporal_error"] = torch.zeros_like(holes)
         values = torch.stack([cols[k].float() for k in self.metric_names], 1)  # [B, K]
         valid = torch.stack([ok[k] for k in self.metric_names], 1)  # [B, K]
-        self.values.append(values.masked_fill(~valid, float("nan")))
-        self.valid.append(valid)
+        # Stored flat and as float: a rank that saw no video syncs an empty 1-D float tensor (torchmetrics),
+        # which only concatenates with other ranks' states if theirs are 1-D floats too.
+        self.values.append(values.masked_fill(~valid, float("nan")).flatten())
+        self.valid.append(valid.float().flatten())
 
     def _rows(self) -> tuple[Tensor, Tensor]:
         if isinstance(self.values, list) and not self.values:
             return torch.zeros(0, len(self.metric_names)), torch.zeros(0, len(self.metric_names), dtype=torch.bool)
-        return dim_zero_cat(self.values), dim_zero_cat(self.valid).bool()
+        K = len(self.metric_names)
+        return dim_zero_cat(self.values).reshape(-1, K), dim_zero_cat(self.valid).reshape(-1, K).bool()
 
     def compute(self) -> dict[str, float]:
         values, valid = self._rows()

@@ -13,8 +13,10 @@ while the sweep goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from lightning_m2s.config import PROJECT_ROOT, SWEEPS_DIR, load_config, resolve_
 from lightning_m2s.errors import ConfigError
 
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+TRIAL_ENV = "M2S_SWEEP_TRIAL"  # the running trial's config, for the other ranks of a multi-device trial
 SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
               "objective", "overrides", "table"}
 log = logging.getLogger(__name__)
@@ -121,8 +124,15 @@ def _storage(url: str):
 def _sampler(spec: SweepSpec, seed: int):
     import optuna
 
+    class Grid(optuna.samplers.GridSampler):
+        """GridSampler that never stops the study itself: run_sweep bounds the trials, and re-queued
+        failed points (enqueued trials, which carry no grid id) would otherwise end it early."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(spec.grid, seed=seed)
+        return Grid(spec.grid, seed=seed)
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
@@ -201,18 +211,27 @@ def run_sweep(
     seed: int = 0,
     output_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}.
+    """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}
+    ({} in the extra rank processes of a multi-device trial).
 
     Checkpoints go under `<output_root>/sweeps/<study>/<arm>-seed<k>` (default output_root: <checkout>/outputs)."""
     import optuna
 
     from lightning_m2s.train import train
 
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0))) > 0 and TRIAL_ENV in os.environ:
+        # Lightning's launcher re-runs this command for ranks > 0 of a multi-device trial: join rank 0's
+        # trial with its exact config instead of starting a trial of another arm.
+        trial_experiment, trial_overrides = json.loads(os.environ[TRIAL_ENV])
+        train(load_config(trial_experiment, trial_overrides))
+        return {}
     spec = load_sweep(name)
     experiment = experiment or spec.experiment
     user_overrides = [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()] + list(overrides or [])
     load_config(experiment, user_overrides)  # fail before any trial on a bad key
     study_name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
+    if overrides:  # other settings are another study: never mix their trials or resume their checkpoints
+        study_name += "-" + hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
     storage_url = storage or DEFAULT_STORAGE
     study = optuna.create_study(
         study_name=study_name,
@@ -255,6 +274,7 @@ def run_sweep(
         if tracking_uri:
             cfg_overrides.append(f"tracking.uri={tracking_uri}")
         cfg = load_config(experiment, cfg_overrides)
+        os.environ[TRIAL_ENV] = json.dumps([experiment, cfg_overrides])  # inherited by DDP rank processes
         try:
             metrics = train(cfg)
         except Exception:
@@ -270,6 +290,7 @@ def run_sweep(
     if spec.sampler == "grid":
         from optuna.trial import TrialState
 
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial: failed (and re-queued by heartbeat)
         _requeue_failed(study)
         running = _points(study, (TrialState.RUNNING,))
         n_trials = len({(a, s) for a in spec.arms for s in spec.seeds} - grid_done(study) - running)

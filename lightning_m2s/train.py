@@ -20,11 +20,14 @@ from lightning_m2s import tracking
 from lightning_m2s.callbacks import MediaLogger
 from lightning_m2s.config import PROJECT_ROOT, to_container
 from lightning_m2s.data.datamodule import StereoDataModule
+from lightning_m2s.errors import M2SError
 from lightning_m2s.modules import module_class
 
 log = logging.getLogger(__name__)
 # The frozen VAE and frame embedding stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# Evaluation metrics are gathered over ranks by torchmetrics before they are logged.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -53,7 +56,7 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = cfg.tracking.run_id
     id_file = out / "mlflow_run_id"
-    if not run_id and id_file.exists():
+    if not run_id and cfg.trainer.resume and id_file.exists():
         run_id = id_file.read_text().strip()
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
@@ -71,10 +74,14 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (unless the variant is a training-free baseline), test, and return the test metrics."""
+    """Fit (unless the variant is a training-free baseline), test, and return the metrics: `test/...` of
+    the best checkpoint, and `val/...` of the last validation."""
     L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     out = output_dir(cfg)
+    if not cfg.trainer.resume and any((out / "checkpoints").glob("*.ckpt")):
+        raise M2SError(f"{out / 'checkpoints'} holds checkpoints of an earlier run: set trainer.resume=true to "
+                       "continue it, or choose another meta.output_dir / meta.run_name")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
@@ -94,12 +101,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
                         enable_checkpointing=module.trains, **trainer_kwargs)
     try:
+        validation = {}
         if module.trains:
             last = out / "checkpoints" / "last.ckpt"
             ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
             if ckpt_path:
                 log.info("resuming from %s", ckpt_path)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            # The last validation's figures: what a hyperparameter search may select on (never test/).
+            validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             if checkpoint.best_model_path:
                 logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
         best = "best" if module.trains and checkpoint.best_model_path else None
@@ -108,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             logger.experiment.set_terminated(logger.run_id, status="FAILED")
         raise
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics = {**validation, **{k: float(v) for k, v in (results[0] if results else {}).items()}}
     if trainer.is_global_zero:
         logger.experiment.set_terminated(logger.run_id, status="FINISHED")
     return metrics

@@ -48,3 +48,23 @@ def test_run_notebook_errors_name_the_problem(tmp_path):
     with pytest.raises(M2SError, match="broken.ipynb: cell .*ValueError: no such table"):
         analysis.run_notebook(f"sqlite:///{tmp_path / 'x.db'}", tmp_path / "r.html", notebook=path)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_notebook_on_a_store_filled_by_real_tiny_sweeps(tmp_path):
+    # The real pipeline end to end: sweeps train and evaluate (debug scale), the notebook reads their runs.
+    from lightning_m2s.sweep import run_sweep
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    fast = ["data.val_clips=1", "trainer.enable_progress_bar=false", "module.eval.preview_clips=1"]
+    for ablation in ("left_cond", "baselines"):
+        summary = run_sweep(ablation, experiment="debug", overrides=fast, storage=storage, tracking_uri=uri,
+                            output_root=tmp_path)
+        assert {t["state"] for t in summary["trials"]} == {"COMPLETE"}
+    runs = analysis.load_runs(uri)
+    table4 = analysis.build_table(runs, "4").values
+    ours = table4[[c for c in table4.columns if c[0].startswith("ours")]]
+    assert ours.notna().any(axis=1).sum() == 2  # the with / without V_l rows are filled, nothing else invented
+    table6 = analysis.build_table(runs, "6").values
+    assert table6[[c for c in table6.columns if c[0].startswith("ours")]].notna().any(axis=1).sum() == 3
+    text = analysis.run_notebook(uri, tmp_path / "tables_4_10.html").read_text(encoding="utf-8")
+    assert "Traceback" not in text and "Table 10" in text

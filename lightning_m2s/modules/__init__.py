@@ -35,6 +35,11 @@ def load_refiner(checkpoint: str, map_location: str = "cpu"):
     from lightning_m2s.models.refiner import build_refiner
 
     path = Path(checkpoint)
+    if path.is_dir():  # DeepSpeed writes sharded checkpoint folders
+        raise ModelError(
+            f"checkpoint {path} is a DeepSpeed folder: convert it once with lightning's "
+            f"convert_zero_checkpoint_to_fp32_state_dict('{path}', '{path}.fp32.ckpt') and pass that file"
+        )
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:

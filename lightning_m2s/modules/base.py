@@ -76,10 +76,15 @@ class StereoModule(L.LightningModule):
         """(scalar loss, parts to log) for one training or validation batch."""
         raise NotImplementedError
 
-    def predict_latent(self, cond) -> torch.Tensor:
-        """The right view's latent at evaluation (one step, or eval.steps Euler steps)."""
+    def predict_latent(self, cond, seed: int = 0) -> torch.Tensor:
+        """The right view's latent at evaluation: Eq. 4 (one step from a zero latent), or eval.steps Euler
+        steps from seeded noise (multi-step sampling starts from noise; from zeros it would only follow
+        the mean and never sharpen)."""
         steps = int(self.eval_cfg["steps"])
-        return self.model.predict_one_step(cond) if steps == 1 else self.model.sample(cond, steps)
+        if steps == 1:
+            return self.model.predict_one_step(cond)
+        noise = torch.randn(cond.latent_shape, generator=torch.Generator().manual_seed(seed))
+        return self.model.sample(cond, steps, noise=noise)
 
     # --- shared pieces ------------------------------------------------------------------------
     def conditioning(self, batch: StereoClip, eval_mode: bool = False):
@@ -87,10 +92,10 @@ class StereoModule(L.LightningModule):
         cond_aug = self.model.cond_aug_eval if eval_mode else None
         return self.model.build_conditioning(batch.left, batch.warped, batch.mask, fps_id=fps, cond_aug=cond_aug)
 
-    def predict_video(self, batch: StereoClip) -> torch.Tensor:
+    def predict_video(self, batch: StereoClip, seed: int = 0) -> torch.Tensor:
         """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch."""
         cond = self.conditioning(batch, eval_mode=True)
-        return self.model.decode(self.predict_latent(cond)).clamp(-1, 1)
+        return self.model.decode(self.predict_latent(cond, seed)).clamp(-1, 1)
 
     def _long_video_augment(self, batch: StereoClip) -> StereoClip:
         p = self.long_video["probability"]
@@ -110,6 +115,13 @@ class StereoModule(L.LightningModule):
             self.metrics[key] = StereoMetrics(lpips_net=self.eval_cfg["lpips_net"]).to(self.device)
         return self.metrics[key]
 
+    def _dataset_names(self, stage: str) -> list[str]:
+        """The evaluation datasets of the split, known before any batch, in one order on every rank:
+        each metric's compute() is a collective under DDP, so all ranks must call them alike."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        entries = getattr(datamodule, f"{stage}_sources", None) or []
+        return sorted({dataset_name({"source": e["name"]}) for e in entries})
+
     # --- Lightning hooks --------------------------------------------------------------------------
     def training_step(self, batch: StereoClip, batch_idx: int) -> torch.Tensor:
         batch = self._long_video_augment(batch)
@@ -118,7 +130,7 @@ class StereoModule(L.LightningModule):
             videos = [f"{m.get('source')}:{m.get('video')}@{m.get('start_frame')}" for m in batch.meta]
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step}, batch {batch_idx} "
-                f"(clips {videos}); lower optim.lr or enable trainer.gradient_clip_val"
+                f"(clips {videos}); try a lower optim.lr or trainer.gradient_clip_val"
             )
         B = batch.left.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
@@ -126,9 +138,11 @@ class StereoModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=B)
         return loss
 
-    def _evaluate(self, batch: StereoClip, stage: str) -> None:
+    def _evaluate(self, batch: StereoClip, batch_idx: int, stage: str) -> None:
+        _synchronize(self.device)
         start = time.perf_counter()
-        pred = self.predict_video(batch)
+        pred = self.predict_video(batch, seed=batch_idx)
+        _synchronize(self.device)  # GPU kernels run asynchronously: time their completion
         seconds = time.perf_counter() - start
         T = batch.left.shape[1]
         self.latencies.append(seconds / batch.left.shape[0] * 16 / T)  # per 16-frame clip
@@ -141,40 +155,42 @@ class StereoModule(L.LightningModule):
                     "mask": batch.mask[i].cpu(), "output": pred[i].cpu(), "right": batch.right[i].cpu(),
                 })
 
-    def _start_evaluation(self) -> None:
-        for metric in self.metrics.values():
-            metric.reset()
+    def _start_evaluation(self, stage: str) -> None:
         self.metrics.clear()
+        for name in self._dataset_names(stage):
+            self._metric(stage, name)
         self.latencies.clear()
         self.previews.clear()
 
     def _end_evaluation(self, stage: str) -> None:
         logs = {}
-        for key, metric in self.metrics.items():
-            values = metric.compute()
+        for key, metric in sorted(self.metrics.items()):
+            values = metric.compute()  # gathered over DDP ranks
             logs.update({f"{key}/{name}": float(v) for name, v in values.items() if not name.startswith("n_videos")})
-        if self.latencies:
-            logs[f"{stage}/latency_s"] = sum(self.latencies) / len(self.latencies)
         logs[f"{stage}/steps"] = float(self.eval_cfg["steps"]) if self.trains else 0.0
-        self.log_dict(logs, sync_dist=False, rank_zero_only=True)
+        self.log_dict(logs)  # already reduced over ranks by the metrics; every rank logs the same values
+        if self.latencies:
+            self.log(f"{stage}/latency_s", sum(self.latencies) / len(self.latencies), sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
-        self._start_evaluation()
+        self._start_evaluation("val")
 
     def validation_step(self, batch: StereoClip, batch_idx: int) -> None:
         if self.trains:
-            loss, _ = self.compute_loss(batch)
-            self.log("val/loss", loss, batch_size=batch.left.shape[0])
-        self._evaluate(batch, "val")
+            with torch.random.fork_rng(devices=[]):  # the same sigma / noise every validation: comparable losses
+                torch.manual_seed(batch_idx)
+                loss, _ = self.compute_loss(batch)
+            self.log("val/loss", loss, batch_size=batch.left.shape[0], sync_dist=True)
+        self._evaluate(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
 
     def on_test_epoch_start(self) -> None:
-        self._start_evaluation()
+        self._start_evaluation("test")
 
     def test_step(self, batch: StereoClip, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, batch_idx, "test")
 
     def on_test_epoch_end(self) -> None:
         self._end_evaluation("test")
@@ -183,6 +199,11 @@ class StereoModule(L.LightningModule):
         o = self.optim
         return torch.optim.AdamW(self.model.trainable_parameters(), lr=o["lr"], weight_decay=o["weight_decay"],
                                  betas=tuple(o["betas"]))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _with_defaults(defaults: dict, given: dict | None, section: str) -> dict:

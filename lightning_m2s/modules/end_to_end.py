@@ -12,8 +12,10 @@ from lightning_m2s.modules.base import StereoModule
 class EndToEndModule(StereoModule):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Not a submodule: frozen, kept out of checkpoints and of the optimiser.
-        self._lpips = lpips_network(self.loss_cfg["lpips_net"]) if self.loss_cfg["lpips_weight"] > 0 else None
+        # Not a submodule (object.__setattr__ bypasses nn.Module's registration): the shared frozen
+        # network stays out of checkpoints, the optimiser and precision casts of the module.
+        lpips = lpips_network(self.loss_cfg["lpips_net"]) if self.loss_cfg["lpips_weight"] > 0 else None
+        object.__setattr__(self, "_lpips", lpips)
 
     def compute_loss(self, batch):
         w = self.loss_cfg
