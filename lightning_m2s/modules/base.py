@@ -165,7 +165,11 @@ class StereoModule(L.LightningModule):
     def _end_evaluation(self, stage: str) -> None:
         logs = {}
         for key, metric in sorted(self.metrics.items()):
+            if metric.update_count == 0 and not torch.distributed.is_initialized():
+                continue  # a dataset this pass never reached (e.g. limit_test_batches): nothing to report
             values = metric.compute()  # gathered over DDP ranks
+            if values["n_videos"] == 0:
+                continue
             logs.update({f"{key}/{name}": float(v) for name, v in values.items() if not name.startswith("n_videos")})
         logs[f"{stage}/steps"] = float(self.eval_cfg["steps"]) if self.trains else 0.0
         self.log_dict(logs)  # already reduced over ranks by the metrics; every rank logs the same values
