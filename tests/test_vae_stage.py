@@ -50,7 +50,7 @@ def test_trains_caches_and_loads(trained):
     assert vae.scaling_factor == pytest.approx(m["scaling_factor"])  # fitted 1 / latent std was saved
     video = torch.rand(1, 4, 3, 32, 32) * 2 - 1
     z = vae.encode_target(video, sample=False)
-    assert z.shape == (1, 4, 4, 4, 4)
+    assert z.shape == (1, 4, 4, 32 // vae.downscale, 32 // vae.downscale) and vae.downscale == m["downscale"]
     assert vae.decode(z).shape == video.shape
 
 
@@ -89,6 +89,12 @@ def test_unknown_and_bad_keys_raise_config_error(tmp_path):
         resolve_stage({"size": 20})
     with pytest.raises(ConfigError, match="steps"):
         resolve_stage({"steps": 0})
+    with pytest.raises(ConfigError, match="integer"):
+        resolve_stage({"frames": 2.5})
+    with pytest.raises(ConfigError, match="true or false"):
+        resolve_stage({"progress": "yes"})
+    with pytest.raises(ConfigError, match="disagree"):
+        resolve_stage({"enabled": True, "settings": {"enabled": False}})
     with pytest.raises(ConfigError, match="enabled is false"):
         ensure_tiny_vae({"enabled": False})
     assert set(resolve_stage(None)) == set(VAE_STAGE_DEFAULTS)
@@ -159,3 +165,10 @@ def test_concurrent_processes_share_one_training(tmp_path):
     folder = stage_dir(stage)
     assert json.loads((folder / "metrics.json").read_text())["steps"] == TINY["steps"]
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+
+
+def test_new_vae_starts_with_identity_time_mix_and_small_posterior_noise():
+    vae = vae_stage.new_vae(vae_stage._vae_config(None), seed=0)
+    x = torch.randn(1, 3, 5, 4, 4)
+    torch.testing.assert_close(vae.decoder.time_conv_out(x), x)
+    assert vae.quant_conv.bias[4:].max() < vae_stage.LOGVAR_INIT + 1
