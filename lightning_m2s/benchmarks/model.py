@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import time
 
 import torch
 
-from lightning_m2s.bench import peak_rss_mb
+from lightning_m2s.bench import best_time, peak_rss_mb
 
 BUCKETS = [(4, 128), (16, 64), (25, 48)]  # (frames, side) of the embedded default
 
@@ -25,16 +24,6 @@ SVD_VAE_CONFIG = dict(
     block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
     sample_size=768, scaling_factor=0.18215,
 )
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def tiny_buckets(repeats: int, buckets=BUCKETS) -> dict:
@@ -51,8 +40,8 @@ def tiny_buckets(repeats: int, buckets=BUCKETS) -> dict:
         model.eval()
         with torch.no_grad():
             cond = model.build_conditioning(left, warped, mask)
-            unet_s = _time(lambda: model.predict_one_step(cond), repeats)
-            fwd_s = _time(lambda: model.decode(model.predict_one_step(model.build_conditioning(left, warped, mask))), repeats)
+            unet_s = best_time(lambda: model.predict_one_step(cond), repeats)
+            fwd_s = best_time(lambda: model.decode(model.predict_one_step(model.build_conditioning(left, warped, mask))), repeats)
 
         model.train()
 
@@ -64,9 +53,9 @@ def tiny_buckets(repeats: int, buckets=BUCKETS) -> dict:
             loss.backward()
             model.unet.zero_grad(set_to_none=True)
 
-        fwd_bwd_s = _time(train_step, repeats)
+        fwd_bwd_s = best_time(train_step, repeats)
         out[f"{frames}x{side}^2"] = dict(
-            latent=f"{frames}x4x{side // 8}x{side // 8}", unet_forward_s=round(unet_s, 4),
+            latent=f"{frames}x4x{side // model.vae.downscale}x{side // model.vae.downscale}", unet_forward_s=round(unet_s, 4),
             forward_s=round(fwd_s, 4), forward_backward_s=round(fwd_bwd_s, 4), peak_rss_mb=round(peak_rss_mb(), 1),
         )
     return out

@@ -20,9 +20,10 @@ from torch import nn
 from lightning_m2s.errors import ModelError
 from lightning_m2s.models.pretrained import check_svd_directory
 
-# The embedded default: 4x down, 4 latent channels (the UNet's conditioning layout). 8x down caps
-# reconstruction near bicubic-8x quality (23.7 dB on held-out synthetic clips); 4x (bicubic: 27.7 dB)
-# lets the stage pass 25 dB, and the latent grids of the default buckets stay even (32/16/12).
+# The embedded default: 4x down, 4 latent channels (the UNet's conditioning layout). At 8x the
+# latent holds about what bicubic 8x down/up keeps (23.7 dB on held-out synthetic clips), below the
+# 25 dB the frozen decoder needs; 4x (bicubic: 27.7 dB) leaves room, and the latent grids of the
+# default buckets stay even (32/16/12).
 # 32 is the smallest width GroupNorm(32) allows; one layer per block keeps the temporal decoder cheap.
 TINY_VAE_CONFIG = dict(
     in_channels=3,
@@ -39,7 +40,7 @@ ENCODE_MODES = ("mode", "sample", "mean")
 
 
 class FrozenVideoVAE(nn.Module):
-    """Video in [-1, 1] [B, T, 3, H, W] <-> latents [B, T, 4, H/8, W/8]."""
+    """Video in [-1, 1] [B, T, 3, H, W] <-> latents [B, T, 4, H/d, W/d] (d = downscale: 8 for SVD, 4 for the tiny default)."""
 
     def __init__(self, vae: AutoencoderKLTemporalDecoder, encode_chunk_size: int = 16, decode_chunk_size: int | None = None):
         super().__init__()
@@ -96,7 +97,7 @@ class FrozenVideoVAE(nn.Module):
     def encode(
         self, video: torch.Tensor, mode: str = "mode", scale: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """video [B, T, 3, H, W] in [-1, 1] -> latents [B, T, 4, H/8, W/8], in chunks of frames.
+        """video [B, T, 3, H, W] in [-1, 1] -> latents [B, T, 4, H/d, W/d], in chunks of frames.
 
         mode: "mode" / "mean" (the same for a Gaussian posterior) or "sample"; scale: times scaling_factor."""
         if mode not in ENCODE_MODES:
