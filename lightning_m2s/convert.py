@@ -159,7 +159,7 @@ def default_close_kernel(height: int, width: int) -> int:
 
 def model_alignment(model) -> tuple[int, int]:
     """(pixels, latent cells) a padded frame must be a multiple of: the VAE's downscale times the UNet's
-    total downsampling (8 x 2 = 16 px for the tiny default, 8 x 8 = 64 px for img2vid-xt)."""
+    total downsampling (4 x 2 = 8 px for the tiny default, 8 x 8 = 64 px for img2vid-xt)."""
     down = int(model.vae.downscale)
     levels = 2 ** (len(model.unet.config.block_out_channels) - 1)
     return down * levels, levels

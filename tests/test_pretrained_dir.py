@@ -4,14 +4,10 @@ import json
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.models.embedding import CLIPFrameEmbedding
 from lightning_m2s.models.refiner import build_refiner
-from lightning_m2s.models.unet import build_tiny_unet
-from lightning_m2s.models.vae import FrozenVideoVAE
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ frozen VAE decoder (gradients flow through it into the UNet, the only part that 
 
 from __future__ import annotations
 
-import torch
 
 from lightning_m2s.metrics import lpips_network
 from lightning_m2s.modules.base import StereoModule
