@@ -3,7 +3,7 @@
 Training modules use it as:
     model = build_refiner(**cfg.model)                       # plain keys, see REFINER_DEFAULTS
     cond = model.build_conditioning(left, warped, mask)      # [B,T,3,H,W] in [-1,1], mask bool [B,T,1,H,W]
-    z = model.encode_target(right)                           # [B,T,4,H/8,W/8], sampled x 0.18215
+    z = model.encode_target(right)                           # [B,T,4,H/d,W/d], sampled x scaling factor
     z_hat = model.predict_one_step(cond)                     # Eq. 4
     video = model.decode(z_hat)                              # gradients flow to z_hat
     loss = model.denoiser.diffusion_loss(z, cond, sigma)     # standard diffusion (Eq. 1)
