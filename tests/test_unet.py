@@ -6,29 +6,22 @@ from lightning_m2s.errors import ModelError
 from lightning_m2s.models.unet import build_tiny_unet, conditioning_channels, widen_conv_in
 
 
-def test_widened_conv_equals_svd_conv_at_init():
+@pytest.mark.parametrize("left_condition", [True, False])
+def test_widened_conv_equals_svd_conv_at_init(left_condition):
+    # [x, a, a, m] (13 channels) or [x, a, m] (9) through the widened conv == SVD's conv on [x, a].
     unet = build_tiny_unet(seed=0)
     old = torch.nn.Conv2d(8, unet.conv_in.out_channels, 3, padding=1)
     old.load_state_dict(unet.conv_in.state_dict())
     x, a, m = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.randn(2, 1, 6, 6)
-    widen_conv_in(unet, left_condition=True)
-    assert unet.conv_in.in_channels == 13 == unet.config.in_channels == conditioning_channels(True)
+    widen_conv_in(unet, left_condition=left_condition)
+    channels = conditioning_channels(left_condition)
+    assert unet.conv_in.in_channels == channels == unet.config.in_channels
+    inputs = [x, a, a, m] if left_condition else [x, a, m]
     with torch.no_grad():
-        ref = old(torch.cat([x, a], 1))
-        assert torch.allclose(unet.conv_in(torch.cat([x, a, a, m], 1)), ref, atol=1e-5)
-        assert unet.conv_in.weight[:, 12].abs().max() == 0
+        assert torch.allclose(unet.conv_in(torch.cat(inputs, 1)), old(torch.cat([x, a], 1)), atol=1e-5)
+    assert unet.conv_in.weight[:, channels - 1].abs().max() == 0  # the mask channel starts at zero
+    if left_condition:
         assert torch.equal(unet.conv_in.weight[:, 4:8], unet.conv_in.weight[:, 8:12])
-
-
-def test_widened_conv_without_left_condition():
-    unet = build_tiny_unet(seed=0)
-    old = torch.nn.Conv2d(8, unet.conv_in.out_channels, 3, padding=1)
-    old.load_state_dict(unet.conv_in.state_dict())
-    x, a, m = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5), torch.randn(1, 1, 5, 5)
-    widen_conv_in(unet, left_condition=False)
-    assert unet.conv_in.in_channels == 9 == unet.config.in_channels
-    with torch.no_grad():
-        assert torch.allclose(unet.conv_in(torch.cat([x, a, m], 1)), old(torch.cat([x, a], 1)), atol=1e-5)
 
 
 def test_widening_round_trips_through_save_and_load(tmp_path):
