@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from lightning_m2s.errors import ConfigError
 from lightning_m2s.models.refiner import build_refiner
 from lightning_m2s.objective import edm_scalings
 
@@ -91,3 +92,18 @@ def test_gradient_checkpointing_option():
     cond = model.build_conditioning(left, warped, mask)
     model.predict_one_step(cond).square().mean().backward()
     assert model.unet.conv_in.weight.grad is not None
+
+
+def test_model_sees_the_dilated_mask():
+    left, warped, _, mask = batch()
+    mask = torch.zeros_like(mask)
+    mask[..., 12:14, 12:14] = True  # a 2x2 hole
+    plain = build_refiner(vae=VAE, mask_dilation=1).eval()
+    dilated = build_refiner(vae=VAE, mask_dilation=3).eval()
+    a = plain.build_conditioning(left, warped, mask, cond_aug=0.0)
+    b = dilated.build_conditioning(left, warped, mask, cond_aug=0.0)
+    assert a.hole_mask.sum() == 3 * 4 and b.hole_mask.sum() == 3 * 16  # 2x2 -> 4x4 per frame
+    assert (b.latents[:, :, 8] > a.latents[:, :, 8]).any()
+    assert torch.equal(a.latents[:, :, :8], b.latents[:, :, :8])
+    with pytest.raises(ConfigError, match="mask_dilation"):
+        build_refiner(vae=VAE, mask_dilation=2)

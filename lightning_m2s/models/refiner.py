@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_m2s.errors import ConfigError, ModelError
+from lightning_m2s.geometry import dilate_mask
 from lightning_m2s.models import unet as unet_lib
 from lightning_m2s.models.attention import POLICIES, install_attention_processors
 from lightning_m2s.models.embedding import CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
@@ -40,6 +41,7 @@ REFINER_DEFAULTS = dict(
     attention_policy="area",  # token mask per layer: area | any | bilinear (released), see attention.py
     attention_threshold=0.5,  # "area": hole fraction of a token's cell above this
     attention_max_tokens_per_frame=None,  # released training cap 512 (x T per clip, random); training only
+    mask_dilation=3,  # square dilation of the closed mask before the model sees it (released: 3); 1 = none
     mask_resize="bilinear",  # conditioning mask (+1 hole / -1 known) -> latent grid: bilinear (released) | area | max
     motion_bucket_id=127,  # SVD's default motion bucket
     cond_aug_log_mean=-3.0,  # training cond_aug = exp(mean + std * N(0, 1)) (released)
@@ -84,6 +86,7 @@ class StereoRefiner(nn.Module):
         attention_policy: str = "area",
         attention_threshold: float = 0.5,
         attention_max_tokens_per_frame: int | None = None,
+        mask_dilation: int = 3,
         mask_resize: str = "bilinear",
         motion_bucket_id: float = 127,
         cond_aug_log_mean: float = -3.0,
@@ -96,6 +99,8 @@ class StereoRefiner(nn.Module):
     ):
         super().__init__()
         # 1. Validate early
+        if mask_dilation < 0 or (mask_dilation > 1 and mask_dilation % 2 == 0):
+            raise ConfigError(f"model.mask_dilation must be odd (or 0/1 for none), got {mask_dilation}")
         if mask_resize not in MASK_RESIZE:
             raise ConfigError(f"model.mask_resize {mask_resize!r}: choose from {MASK_RESIZE}")
         if attention_policy not in POLICIES:
@@ -111,7 +116,7 @@ class StereoRefiner(nn.Module):
         self.vae = vae
         self.embedding = embedding
         self.left_condition = left_condition
-        self.mask_resize = mask_resize
+        self.mask_dilation, self.mask_resize = mask_dilation, mask_resize
         self.motion_bucket_id = motion_bucket_id
         self.cond_aug_log_mean, self.cond_aug_log_std = cond_aug_log_mean, cond_aug_log_std
         self.cond_aug_eval = cond_aug_eval
@@ -164,7 +169,10 @@ class StereoRefiner(nn.Module):
         cond_aug: float | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> StereoCondition:
-        """left, warped: [B, T, 3, H, W] in [-1, 1]; mask: bool [B, T, 1, H, W] (True = hole)."""
+        """left, warped: [B, T, 3, H, W] in [-1, 1]; mask: bool [B, T, 1, H, W] (True = hole, closed).
+
+        The model sees the mask dilated by `mask_dilation` (conditioning channel and attention tokens);
+        the metrics keep the undilated one, as the released code."""
         if left.shape != warped.shape or left.ndim != 5 or left.shape[2] != 3:
             raise ValueError(f"left {tuple(left.shape)} and warped {tuple(warped.shape)} must be equal [B, T, 3, H, W]")
         B, T, _, H, W = left.shape
@@ -172,6 +180,7 @@ class StereoRefiner(nn.Module):
             raise ValueError(f"mask must be [B, T, 1, H, W] = {(B, T, 1, H, W)}, got {tuple(mask.shape)}")
         device = left.device
         latent_hw = (H // self.vae.downscale, W // self.vae.downscale)
+        mask = dilate_mask(mask, self.mask_dilation)
 
         # 1. Noise augmentation in pixel space (not on the mask): [B]
         if cond_aug is None:
