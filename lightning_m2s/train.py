@@ -21,7 +21,7 @@ from lightning_m2s.callbacks import MediaLogger
 from lightning_m2s.config import PROJECT_ROOT, to_container
 from lightning_m2s.data.datamodule import StereoDataModule
 from lightning_m2s.errors import M2SError
-from lightning_m2s.modules import module_class
+from lightning_m2s.modules import load_trained_weights, module_class, read_checkpoint
 
 log = logging.getLogger(__name__)
 # The frozen VAE and frame embedding stay in eval mode on purpose.
@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor=cfg.trainer.monitor,
                                  mode=cfg.trainer.monitor_mode, save_top_k=1, filename="best")
     trainer_kwargs = to_container(cfg.trainer)
-    for key in ("monitor", "monitor_mode", "resume"):
+    for key in ("monitor", "monitor_mode", "resume", "init_from"):
         trainer_kwargs.pop(key)
     callbacks = [checkpoint, MediaLogger()] if module.trains else [MediaLogger()]
     if cfg.trainer.enable_progress_bar:
@@ -107,6 +107,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
             if ckpt_path:
                 log.info("resuming from %s", ckpt_path)
+            elif cfg.trainer.init_from:  # fine-tuning: trained weights in, optimiser and step counter fresh
+                load_trained_weights(module.model, read_checkpoint(cfg.trainer.init_from)["state_dict"],
+                                     f"trainer.init_from {cfg.trainer.init_from}")
+                logger.experiment.set_tag(logger.run_id, "m2s.init_from", str(cfg.trainer.init_from))
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             # The last validation's figures: what a hyperparameter search may select on (never test/).
             validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -51,6 +51,21 @@ def test_val_is_fixed_centre_crops_of_all_sources():
     assert len(StereoDataModule(**{**TINY, "val_clips": 3}).val_dataloader()) == 3
 
 
+def test_ddp_evaluation_scores_every_clip_once():
+    """3 validation clips over 2 ranks: both ranks run 2 steps; rank 1's second clip is a marked filler."""
+    from types import SimpleNamespace
+
+    seen = []
+    for rank in (0, 1):
+        dm = StereoDataModule(**{**TINY, "val_clips": 3})
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        batches = list(dm.val_dataloader())
+        assert len(batches) == 2
+        seen += [(b.meta[0]["source"], b.meta[0]["index"], bool(b.meta[0].get("padding"))) for b in batches]
+    scored = [s[:2] for s in seen if not s[2]]
+    assert len(scored) == 3 and len(set(scored)) == 3 and sum(s[2] for s in seen) == 1
+
+
 def test_move_data_to_device_keeps_the_clip():
     from lightning.fabric.utilities.apply_func import move_data_to_device
 

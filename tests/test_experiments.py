@@ -1,11 +1,14 @@
 """Every experiment file loads, and each runs one training step (the paper-scale one on stand-ins)."""
 
 import pytest
+import torch
 from conftest import store_overrides, write_stereo4d_clip
 
 from lightning_m2s.config import EXPERIMENTS_DIR, load_config
 from lightning_m2s.errors import ConfigError, ModelError
-from lightning_m2s.train import train
+from lightning_m2s.models.refiner import build_refiner
+from lightning_m2s.modules import load_refiner
+from lightning_m2s.train import output_dir, train
 
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
@@ -59,8 +62,19 @@ def test_paper_scale_experiment_runs_one_step_on_stand_ins(tmp_path, tiny_svd_di
         "model.autocast_dtype=null", "data.pin_memory=false", "data.close_kernel=3", "trainer.accumulate_grad_batches=1",
         "data.train_fps=30", "data.eval_fps=30", "trainer.check_val_every_n_epoch=1",
     ]
-    metrics = train(load_config("svd_xt", SMOKE + stand_ins + store_overrides(tmp_path)))
+    cfg = load_config("svd_xt", SMOKE + stand_ins + store_overrides(tmp_path))
+    metrics = train(cfg)  # its test stage reloads the best checkpoint
     assert "test/stereo4d/psnr" in metrics
+
+    # Checkpoints leave out the frozen pretrained weights; loading takes them from the directory again.
+    last = output_dir(cfg) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert any(k.startswith("model.unet.") for k in state)
+    assert not any(k.startswith(("model.vae.", "model.embedding.")) for k in state)
+    refiner, _ = load_refiner(str(last))
+    from_dir = build_refiner(pretrained=str(tiny_svd_dir))
+    assert all(torch.equal(a, b) for a, b in zip(refiner.vae.parameters(), from_dir.vae.parameters()))
+    assert torch.equal(refiner.unet.conv_in.weight, state["model.unet.conv_in.weight"])
 
 
 def test_paper_scale_experiment_without_weights_names_the_missing_directory(tmp_path):

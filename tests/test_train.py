@@ -12,6 +12,7 @@ from conftest import store_overrides
 
 from lightning_m2s.config import load_config
 from lightning_m2s.data.clip import make_clip
+from lightning_m2s.errors import ModelError
 from lightning_m2s.modules import load_refiner
 from lightning_m2s.modules.base import NonFiniteLossError, replace_first_frames_with_truth
 from lightning_m2s.modules.baselines import background_side_fill
@@ -111,3 +112,22 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert "test/synthetic/psnr" in done.stdout
     _, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # only rank 0 tracks
+
+
+def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path):
+    first = FAST + store_overrides(tmp_path) + ["trainer.max_steps=2", f"meta.output_dir={tmp_path / 'first'}"]
+    train(load_config("debug", first))
+    source = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    # lr 0: the fine-tune's one step leaves the weights as loaded
+    tune = FAST + store_overrides(tmp_path) + ["trainer.max_steps=1", "optim.lr=0", f"trainer.init_from={source}",
+                                               f"meta.output_dir={tmp_path / 'tune'}", "module.long_video.probability=1"]
+    train(load_config("debug", tune))
+    a = torch.load(source, map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "tune" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert b["global_step"] == 1  # a new run, not a resume
+    unet = [k for k in a["state_dict"] if k.startswith("model.unet.")]
+    assert unet and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in unet)
+    with pytest.raises(ModelError, match="absent.ckpt does not exist"):
+        train(load_config("debug", tune + [f"trainer.init_from={tmp_path / 'absent.ckpt'}", f"meta.output_dir={tmp_path / 'x'}"]))
+    with pytest.raises(ModelError, match="do not fit"):  # 9-channel model from a 13-channel checkpoint
+        train(load_config("debug", tune + ["model.left_condition=false", f"meta.output_dir={tmp_path / 'y'}"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from lightning_m2s.data.buckets import BucketBatchSampler, parse_buckets
 from lightning_m2s.data.clip import collate_clips
@@ -111,8 +111,33 @@ class StereoDataModule(L.LightningDataModule):
         )
         return self._loader(ds, batch_sampler=sampler)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = EvalDistributedSampler(ds, num_replicas=trainer.world_size, rank=trainer.global_rank)
+        return self._loader(ds, batch_size=self.eval_batch_size, sampler=sampler)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Evaluation clips split over ranks in order, every clip scored once.
+
+    Lightning's DistributedSampler pads the last ranks with repeats of the first clips, which the metrics
+    would count twice. Here the fillers are marked (index -1 - i for clip i; the dataset flags them
+    meta["padding"] and the module does not score them), so all ranks still run the same number of
+    steps and their collectives stay in step."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = list(range(n)) + [-1 - i % n for i in range(self.total_size - n)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])

@@ -92,6 +92,10 @@ class StereoClipDataset(Dataset):
         if isinstance(key, SampleKey) and self.train:
             k, item = self.locate(key.index)
             return self._load(k, item, key.frames, (key.height, key.width), np.random.default_rng(key.seed), key.seed)
+        if not self.train and int(key) < 0:  # a rank's filler under DDP (EvalDistributedSampler): not scored
+            clip = self[-1 - int(key)]
+            clip.meta["padding"] = True
+            return clip
         k, item = self.eval_items[int(key)] if not self.train else self.locate(int(key))
         return self._load(k, item, self.eval_frames, self.eval_size, None, None)
 

@@ -1,6 +1,6 @@
 """LightningModules: the paper's three training variants and two training-free baselines."""
 
-from lightning_m2s.errors import ConfigError
+from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.modules.base import EVAL_DEFAULTS, StereoModule
 from lightning_m2s.modules.baselines import ClassicalFillModule, WarpOnlyModule
 from lightning_m2s.modules.end_to_end import EndToEndModule
@@ -22,17 +22,11 @@ def module_class(name: str) -> type[StereoModule]:
     return MODULES[name]
 
 
-def load_refiner(checkpoint: str, map_location: str = "cpu"):
-    """The trained StereoRefiner of a Lightning checkpoint (any variant) and the module's eval settings.
-
-    Every variant keeps its network under `model.` and its constructor arguments in the checkpoint's
-    hyper_parameters, so the model is rebuilt from config and the weights loaded strictly."""
+def read_checkpoint(checkpoint: str, map_location: str = "cpu") -> dict:
+    """A lightning_m2s training checkpoint as a dict (state_dict, hyper_parameters, ...), with clear errors."""
     from pathlib import Path
 
     import torch
-
-    from lightning_m2s.errors import ModelError
-    from lightning_m2s.models.refiner import build_refiner
 
     path = Path(checkpoint)
     if path.is_dir():  # DeepSpeed writes sharded checkpoint folders
@@ -49,10 +43,29 @@ def load_refiner(checkpoint: str, map_location: str = "cpu"):
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "model" not in hparams or "state_dict" not in ckpt:
         raise ModelError(f"{path} is not a lightning_m2s training checkpoint (no model hyper-parameters)")
-    refiner = build_refiner(**(hparams["model"] or {}))
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = refiner.load_state_dict(state, strict=False)
+    return ckpt
+
+
+def load_trained_weights(model, state: dict, source: str) -> None:
+    """Load a checkpoint's `model.*` weights into a StereoRefiner: every trained (UNet) weight must be
+    there, frozen ones may be absent (the config's pretrained directory provides them)."""
+    state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches, e.g. conv_in of 13 vs 9 channels
+        raise ModelError(f"{source}: weights do not fit this model config: {err}") from err
     trained_missing = [k for k in missing if k.startswith("unet.")]
     if trained_missing or unexpected:
-        raise ModelError(f"{path}: weights do not match the model (missing {trained_missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelError(f"{source}: weights do not match the model (missing {trained_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_refiner(checkpoint: str, map_location: str = "cpu"):
+    """The trained StereoRefiner of a checkpoint (any variant) and the module's eval settings: the model is
+    rebuilt from the checkpoint's hyper_parameters, then its weights are loaded."""
+    from lightning_m2s.models.refiner import build_refiner
+
+    ckpt = read_checkpoint(checkpoint, map_location)
+    hparams = ckpt["hyper_parameters"]
+    refiner = build_refiner(**(hparams["model"] or {}))
+    load_trained_weights(refiner, ckpt["state_dict"], str(checkpoint))
     return refiner.eval(), {**EVAL_DEFAULTS, **(hparams.get("eval") or {})}

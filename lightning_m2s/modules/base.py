@@ -67,6 +67,8 @@ class StereoModule(L.LightningModule):
         if self.long_video["distribution"] not in ("uniform", "exponential"):
             raise ConfigError("module.long_video.distribution must be uniform or exponential")
         self.model: StereoRefiner | None = build_refiner(**(model or {})) if self.trains else None
+        # Checkpoints may omit frozen weights that the config reloads (see on_save_checkpoint).
+        self.strict_loading = False
         self.metrics: dict[str, StereoMetrics] = {}  # '<stage>/<dataset>' -> metric, made on first use
         self.latencies: list[float] = []
         self.previews: list[dict[str, Any]] = []  # first clips per dataset of the last evaluation (media callback)
@@ -147,6 +149,8 @@ class StereoModule(L.LightningModule):
         T = batch.left.shape[1]
         self.latencies.append(seconds / batch.left.shape[0] * 16 / T)  # per 16-frame clip
         for i, meta in enumerate(batch.meta):
+            if meta.get("padding"):  # a DDP rank's filler: scored on the rank that owns the clip
+                continue
             dataset = dataset_name(meta)
             self._metric(stage, dataset).update(pred[i : i + 1], batch.right[i : i + 1], batch.mask[i : i + 1])
             if sum(p["dataset"] == dataset for p in self.previews) < self.eval_cfg["preview_clips"]:
@@ -198,6 +202,25 @@ class StereoModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._end_evaluation("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave out the frozen weights that `model.pretrained` provides again on load (img2vid-xt's
+        CLIP image encoder and VAE: ~3 GB per checkpoint in fp32). The tiny default's VAE is kept: its
+        cache can be retrained."""
+        model_cfg = self.hparams.get("model") or {}
+        if not self.trains or model_cfg.get("pretrained") is None:
+            return
+        frozen = ("model.embedding.",) if model_cfg.get("vae_path") else ("model.embedding.", "model.vae.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Loading is not strict (frozen weights may be absent), so check the trained ones are all there."""
+        state = checkpoint.get("state_dict")  # DeepSpeed keeps weights outside this dict
+        if not self.trains or state is None:
+            return
+        missing = [k for k in self.state_dict() if k.startswith("model.unet.") and k not in state]
+        if missing:
+            raise M2SError(f"checkpoint lacks trained UNet weights, e.g. {missing[:3]}")
 
     def configure_optimizers(self):
         o = self.optim
