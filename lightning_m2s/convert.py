@@ -212,7 +212,7 @@ def refine_latent(
     for y in ys:
         for x in xs:
             sl = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
-            generator = torch.Generator().manual_seed(seed)  # the same cond_aug noise field per tile
+            generator = torch.Generator().manual_seed(seed)  # each tile draws the same (tile-local) noise
             cond = model.build_conditioning(
                 left[sl][None], warped[sl][None], mask[:, y : y + th, x : x + tw][None, :, None],
                 fps_id=fps_id, cond_aug=model.cond_aug_eval, generator=generator,

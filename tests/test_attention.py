@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,17 +13,20 @@ from lightning_m2s.models.attention import (
 from lightning_m2s.models.unet import build_tiny_unet, widen_conv_in
 
 
-def dense_reference(q, k, v, m, T):
-    """Naive dense-mask attention over all B*T*L tokens (block-diagonal per clip)."""
+def dense_reference(q, k, v, m, T, clip_kv=None):
+    """Naive dense-mask attention over all B*T*L tokens (block-diagonal per clip); masked queries
+    see `clip_kv` (default k, v)."""
     BT, H, L, d = q.shape
-    B = BT // T
     frame = torch.arange(BT).repeat_interleave(L)  # token -> frame
     clip = frame // T
     same_frame = frame[:, None] == frame[None, :]
     same_clip = clip[:, None] == clip[None, :]
-    allow = torch.where(m.reshape(-1)[:, None], same_clip, same_frame)  # [N, N]
-    qf, kf, vf = (x.permute(1, 0, 2, 3).reshape(H, BT * L, d) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=allow)
+    flat = lambda x: x.permute(1, 0, 2, 3).reshape(H, BT * L, d)  # noqa: E731
+    qf, kf, vf = flat(q), flat(k), flat(v)
+    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=same_frame)
+    kc, vc = (flat(x) for x in (clip_kv or (k, v)))
+    full = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=same_clip)
+    out = torch.where(m.reshape(-1)[None, :, None], full, out)
     return out.reshape(H, BT, L, d).permute(1, 0, 2, 3)
 
 
@@ -39,6 +44,16 @@ def test_matches_dense_reference_with_uneven_clips(B, T):
     out = disocclusion_attention(q, k, v, m, T)
     assert out.shape == q.shape
     assert (out - dense_reference(q, k, v, m, T)).abs().max() < 1e-5
+
+
+def test_masked_queries_attend_to_the_given_clip_keys():
+    q, k, v = qkv(2, 3, 2, 10, 8)
+    clip_kv = tuple(qkv(2, 3, 2, 10, 8, seed=5)[:2])
+    m = torch.rand(6, 10, generator=torch.Generator().manual_seed(2)) < 0.3
+    out = disocclusion_attention(q, k, v, m, 3, clip_kv)
+    assert (out - dense_reference(q, k, v, m, 3, clip_kv)).abs().max() < 1e-5
+    # unmasked queries keep their per-frame attention over k, v
+    assert torch.allclose(out.transpose(1, 2)[~m], disocclusion_attention(q, k, v, m, 3).transpose(1, 2)[~m])
 
 
 def test_empty_mask_is_stock_attention():
@@ -150,3 +165,58 @@ def test_gradient_checkpointing_same_gradients():
         run(unet, x, ctx).square().mean().backward()
         grads.append(unet.conv_in.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def released_block_reference(block, x, ctx, token_mask, T):
+    """The released code's algorithm with stock processors: the block per frame (own frame's context
+    token), then per clip the hole tokens run through the block again, attending to all tokens of the
+    clip taken before norm1, and cross-attending to all T context tokens; their outputs overwrite."""
+    ref = copy.deepcopy(block)
+    ref.attn1.set_processor(AttnProcessor2_0())
+    ref.attn2.set_processor(AttnProcessor2_0())
+    BT, L, C = x.shape
+    rows = torch.arange(BT)
+    y = ref(x, encoder_hidden_states=ctx[rows, rows % T][:, None]).clone()
+    for b in range(BT // T):
+        xs = x[b * T:(b + 1) * T].reshape(1, T * L, C)
+        hole = token_mask[b * T:(b + 1) * T].reshape(-1)
+        h = xs[:, hole]
+        h = h + ref.attn1(ref.norm1(h), encoder_hidden_states=xs)
+        h = h + ref.attn2(ref.norm2(h), encoder_hidden_states=ctx[b * T:b * T + 1])
+        h = h + ref.ff(ref.norm3(h))
+        y.view(-1, T * L, C)[b, hole] = h[0]
+    return y
+
+
+def test_spatial_block_equals_the_released_hole_rerun():
+    unet, ctrl = tiny_unet()
+    name = next(n for n, p in unet.attn_processors.items() if isinstance(p, DisocclusionAttnProcessor))
+    block = unet.get_submodule(name[: -len(".attn1.processor")])
+    B, T, h, w = 2, 3, 4, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B * T, h * w, block.norm1.normalized_shape[0], generator=g)
+    ctx = torch.randn(B, T, 64, generator=g).repeat_interleave(T, dim=0)  # [B*T, T, D] as the UNet passes it
+    mask = torch.rand(B, T, h, w, generator=g) < 0.3
+    ctrl.set_mask(mask.float(), latent_hw=(h, w))
+    token_mask = ctrl.token_mask(h * w)
+    assert token_mask.any() and not token_mask.all()
+    with torch.no_grad():
+        ours = block(x, encoder_hidden_states=ctx)
+        ref = released_block_reference(block, x, ctx, token_mask, T)
+    assert (ours - ref).abs().max() < 1e-5
+    # the cheaper "normed" keys differ from the released ones
+    install_attention_processors(unet, kv_source="normed").set_mask(mask.float(), latent_hw=(h, w))
+    with torch.no_grad():
+        assert (block(x, encoder_hidden_states=ctx) - ref).abs().max() > 1e-4
+
+
+def test_reinstalling_leaves_one_hook_per_block():
+    unet, _ = tiny_unet()
+    install_attention_processors(unet)
+    install_attention_processors(unet, full_attention=False)
+    install_attention_processors(unet)
+    name = next(n for n, p in unet.attn_processors.items() if isinstance(p, DisocclusionAttnProcessor))
+    norm1 = unet.get_submodule(name[: -len("attn1.processor")] + "norm1")
+    assert len(norm1._forward_pre_hooks) == 1
+    with pytest.raises(ConfigError, match="kv_source"):
+        install_attention_processors(unet, kv_source="raw")

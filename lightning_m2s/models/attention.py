@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from lightning_m2s.errors import ConfigError, ModelError
 
 POLICIES = ("area", "any", "bilinear")
+KV_SOURCES = ("pre_norm", "normed")
 
 # Spatial self-attention processors only; the leading "." excludes temporal_transformer_blocks.
 SPATIAL_SELF_ATTN = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn1\.processor$")
@@ -44,12 +45,19 @@ TEMPORAL_CROSS_ATTN = re.compile(r"temporal_transformer_blocks\.\d+\.attn2\.proc
 
 
 def disocclusion_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor | None, num_frames: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    num_frames: int,
+    clip_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-frame attention, with full clip attention for masked queries.
 
     q, k, v: [B*T, heads, L, d], the T frames of a clip consecutive. token_mask: bool [B*T, L] (True =
-    disoccluded) or None. Returns [B*T, heads, L, d]. Never builds a (T*L)^2 mask: one stock SDPA
+    disoccluded) or None. clip_kv: the keys and values [B*T, heads, L, d] masked queries attend to
+    (default k, v; the released code projects the block's input before its LayerNorm).
+    Returns [B*T, heads, L, d]. Never builds a (T*L)^2 mask: one stock SDPA
     call over all queries per frame, then one SDPA call for the masked queries of every clip
     (gathered, zero-padded to the batch maximum; padded queries are computed and dropped, so no
     attention mask is needed: all keys of a clip are valid), scattered back.
@@ -82,8 +90,9 @@ def disocclusion_attention(
     #    views of [B*T, L, heads*d] projections, so these are free and so is the clip layout of
     #    the keys and values: [B, T*L, heads, d] -> [B, heads, T*L, d].
     q_t, out_t = q.transpose(1, 2), out.transpose(1, 2)
-    k_c = k.transpose(1, 2).reshape(B, T * L, heads, d).transpose(1, 2)
-    v_c = v.transpose(1, 2).reshape(B, T * L, heads, d).transpose(1, 2)
+    k_clip, v_clip = clip_kv if clip_kv is not None else (k, v)
+    k_c = k_clip.transpose(1, 2).reshape(B, T * L, heads, d).transpose(1, 2)
+    v_c = v_clip.transpose(1, 2).reshape(B, T * L, heads, d).transpose(1, 2)
 
     # 4. Gather masked queries into [B, n_max, heads, d] (zeros where a clip has fewer)
     q_g = q.new_zeros(B, n_max, heads, d).index_put((b_idx, rank), q_t[frame, tok])
@@ -137,9 +146,14 @@ def token_mask_for_grid(
 class DisocclusionAttention:
     """Mask state shared by the installed processors of one UNet (set it before each UNet call)."""
 
-    def __init__(self, policy: str = "area", threshold: float = 0.5, max_tokens_per_frame: int | None = None):
+    def __init__(
+        self, policy: str = "area", threshold: float = 0.5, max_tokens_per_frame: int | None = None,
+        kv_source: str = "pre_norm",
+    ):
         if policy not in POLICIES:
             raise ConfigError(f"attention policy {policy!r}: choose from {POLICIES}")
+        if kv_source not in KV_SOURCES:
+            raise ConfigError(f"attention kv_source {kv_source!r}: choose from {KV_SOURCES}")
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(f"attention threshold {threshold}: must be in [0, 1)")
         if max_tokens_per_frame is not None and max_tokens_per_frame < 1:
@@ -147,6 +161,7 @@ class DisocclusionAttention:
         self.policy = policy
         self.threshold = threshold
         self.max_tokens_per_frame = max_tokens_per_frame
+        self.kv_source = kv_source
         self.cap_enabled = False  # the refiner turns the cap on in training mode only
         self.clear()
 
@@ -197,36 +212,62 @@ class DisocclusionAttention:
         return clip.reshape(tok.shape)
 
 
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, L, heads*d] -> [N, heads, L, d]"""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _check_plain_attention(attn, name: str) -> None:
+    if attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross:
+        raise ModelError(f"{name} does not support spatial_norm / group_norm / norm_cross layers")
+
+
 class DisocclusionAttnProcessor:
-    """AttnProcessor2_0 for spatial self-attention, with full clip attention for masked tokens."""
+    """AttnProcessor2_0 for spatial self-attention, with full clip attention for masked tokens.
+
+    With kv_source "pre_norm" (the released code) the masked tokens' keys and values are projected
+    from the transformer block's input before its LayerNorm: `block_input` is recorded by a forward
+    pre-hook on the block's norm1 (see install_attention_processors)."""
 
     def __init__(self, controller: DisocclusionAttention):
         self.controller = controller
+        self.block_input: torch.Tensor | None = None  # [B*T, L, C], set by the hook, used once
+        self.hook = None
+
+    def record_block_input(self, module, args) -> None:
+        self.block_input = args[0]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise ModelError("DisocclusionAttnProcessor serves self-attention on [B*T, L, C] tokens only")
-        if attn.spatial_norm is not None or attn.group_norm is not None:
-            raise ModelError("DisocclusionAttnProcessor does not support spatial_norm / group_norm layers")
+        _check_plain_attention(attn, "DisocclusionAttnProcessor")
         residual = hidden_states
+        block_input, self.block_input = self.block_input, None
         BT, L, _ = hidden_states.shape  # [B*T, L, C]
 
         # 1. Projections -> [B*T, heads, L, d]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(BT, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        query, key, value = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # 2. Attention: per frame, plus full clip attention for masked tokens
+        # 2. Keys and values of the full clip attention (only computed when a token is masked)
         token_mask = self.controller.token_mask(L)
-        num_frames = self.controller.num_frames or 1
-        hidden_states = disocclusion_attention(query, key, value, token_mask, num_frames)
+        clip_kv = None
+        if self.controller.kv_source == "pre_norm" and token_mask is not None and token_mask.any():
+            if block_input is None or block_input.shape != hidden_states.shape:
+                raise ModelError("DisocclusionAttnProcessor: the block input before norm1 was not recorded "
+                                 "(install the processors with install_attention_processors)")
+            clip_k, clip_v = _heads(attn.to_k(block_input), attn.heads), _heads(attn.to_v(block_input), attn.heads)
+            clip_kv = (attn.norm_k(clip_k) if attn.norm_k is not None else clip_k, clip_v)
 
-        # 3. Output projection (as AttnProcessor2_0): [B*T, L, C]
-        hidden_states = hidden_states.transpose(1, 2).reshape(BT, -1, attn.heads * head_dim).to(query.dtype)
+        # 3. Attention: per frame, plus full clip attention for masked tokens
+        num_frames = self.controller.num_frames or 1
+        hidden_states = disocclusion_attention(query, key, value, token_mask, num_frames, clip_kv)
+
+        # 4. Output projection (as AttnProcessor2_0): [B*T, L, C]
+        hidden_states = hidden_states.transpose(1, 2).reshape(BT, L, -1).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if attn.residual_connection:
             hidden_states = hidden_states + residual
@@ -237,29 +278,46 @@ class FrameContextAttnProcessor:
     """Cross-attention with one context token per frame (M2SVid feeds every left frame's embedding).
 
     The UNet is called with encoder_hidden_states [B, T, D] (one token per frame); diffusers repeats
-    it per frame, so spatial cross-attention sees [B*T, T, D] and here keeps its own frame's token;
-    temporal cross-attention sees the first frame's context and keeps token 0 (the first frame's
-    embedding), as the released code does. A context with one token passes through unchanged.
+    it per frame, so spatial cross-attention sees [B*T, T, D]: each token attends to its own frame's
+    embedding, and disoccluded tokens (given a controller) to all T frames' embeddings, as the
+    released code's re-run of the block for hole tokens. Temporal cross-attention sees the first
+    frame's context and keeps token 0 (the first frame's embedding), as the released code does. A
+    context with one token passes through unchanged.
     """
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, controller: DisocclusionAttention | None = None):
         if mode not in ("own_frame", "first_frame"):
             raise ValueError(f"mode {mode!r}")
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.mode = mode
+        self.controller = controller
         self.inner = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         ctx = encoder_hidden_states
-        if ctx is not None and ctx.shape[1] > 1:
-            if self.mode == "own_frame":
-                T = ctx.shape[1]
-                rows = torch.arange(ctx.shape[0], device=ctx.device)
-                ctx = ctx[rows, rows % T][:, None]  # [B*T, 1, D]
-            else:
-                ctx = ctx[:, :1]  # [B*h*w, 1, D]
-        return self.inner(attn, hidden_states, ctx, attention_mask, temb)
+        if ctx is None or ctx.shape[1] == 1:
+            return self.inner(attn, hidden_states, ctx, attention_mask, temb)
+        if self.mode == "first_frame":
+            return self.inner(attn, hidden_states, ctx[:, :1], attention_mask, temb)  # [B*h*w, 1, D]
+        BT, L, _ = hidden_states.shape
+        T = ctx.shape[1]
+        own = torch.arange(BT, device=ctx.device) % T  # each row's frame in its clip
+        token_mask = self.controller.token_mask(L) if self.controller is not None else None
+        if token_mask is None or not token_mask.any():
+            return self.inner(attn, hidden_states, ctx[torch.arange(BT, device=ctx.device), own][:, None], attention_mask, temb)
+        if attention_mask is not None or attn.residual_connection:
+            raise ModelError("FrameContextAttnProcessor: attention masks and residual connections are not supported")
+        _check_plain_attention(attn, "FrameContextAttnProcessor")
+        # allowed[r, l, t]: own frame for every token, every frame for disoccluded ones: [B*T, 1, L, T]
+        allowed = (torch.arange(T, device=ctx.device)[None, None] == own[:, None, None]) | token_mask.to(ctx.device)[:, :, None]
+        q = _heads(attn.to_q(hidden_states), attn.heads)  # [B*T, heads, L, d]
+        k, v = _heads(attn.to_k(ctx), attn.heads), _heads(attn.to_v(ctx), attn.heads)  # [B*T, heads, T, d]
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(BT, L, -1).to(q.dtype)))
+        return out / attn.rescale_output_factor
 
 
 def install_attention_processors(
@@ -269,23 +327,32 @@ def install_attention_processors(
     threshold: float = 0.5,
     max_tokens_per_frame: int | None = None,
     frame_context: bool = True,
+    kv_source: str = "pre_norm",
 ) -> DisocclusionAttention | None:
     """Install the processors on a UNetSpatioTemporalConditionModel through set_attn_processor.
 
     full_attention: disocclusion processors on every spatial self-attention layer (returns their
-    shared controller; None when off). frame_context: per-frame cross-attention context processors.
+    shared controller; None when off), and disoccluded tokens cross-attend to every frame's context.
+    kv_source: keys/values of the full clip attention, "pre_norm" (the block's input before norm1, as
+    the released code; a forward pre-hook on norm1 hands it to the processor) or "normed" (the
+    per-frame attention's own, no extra projections). frame_context: per-frame cross-attention context.
     """
-    controller = DisocclusionAttention(policy, threshold, max_tokens_per_frame) if full_attention else None
+    controller = DisocclusionAttention(policy, threshold, max_tokens_per_frame, kv_source) if full_attention else None
     processors = {}
     n_spatial = 0
     for name, proc in unet.attn_processors.items():
+        if isinstance(proc, DisocclusionAttnProcessor) and proc.hook is not None:  # installed before
+            proc.hook.remove()
         if controller is not None and SPATIAL_SELF_ATTN.search(name) and "temporal_transformer_blocks" not in name:
             processors[name] = DisocclusionAttnProcessor(controller)
+            if kv_source == "pre_norm":
+                norm1 = unet.get_submodule(name[: -len("attn1.processor")] + "norm1")
+                processors[name].hook = norm1.register_forward_pre_hook(processors[name].record_block_input)
             n_spatial += 1
         elif frame_context and TEMPORAL_CROSS_ATTN.search(name):
             processors[name] = FrameContextAttnProcessor("first_frame")
         elif frame_context and SPATIAL_CROSS_ATTN.search(name) and "temporal_transformer_blocks" not in name:
-            processors[name] = FrameContextAttnProcessor("own_frame")
+            processors[name] = FrameContextAttnProcessor("own_frame", controller)
         else:
             processors[name] = proc
     if controller is not None and n_spatial == 0:

@@ -41,6 +41,7 @@ REFINER_DEFAULTS = dict(
     attention_policy="area",  # token mask per layer: area | any | bilinear (released), see attention.py
     attention_threshold=0.5,  # "area": hole fraction of a token's cell above this
     attention_max_tokens_per_frame=None,  # released training cap 512 (x T per clip, random); training only
+    attention_kv="pre_norm",  # keys/values of the full clip attention: pre_norm (released) | normed (cheaper)
     mask_dilation=3,  # square dilation of the closed mask before the model sees it (released: 3); 1 = none
     mask_resize="bilinear",  # conditioning mask (+1 hole / -1 known) -> latent grid: bilinear (released) | area | max
     motion_bucket_id=127,  # SVD's default motion bucket
@@ -86,6 +87,7 @@ class StereoRefiner(nn.Module):
         attention_policy: str = "area",
         attention_threshold: float = 0.5,
         attention_max_tokens_per_frame: int | None = None,
+        attention_kv: str = "pre_norm",
         mask_dilation: int = 3,
         mask_resize: str = "bilinear",
         motion_bucket_id: float = 127,
@@ -123,7 +125,8 @@ class StereoRefiner(nn.Module):
         self.autocast_dtype = AUTOCAST_DTYPES[autocast_dtype]
         # 3. Attention processors (through diffusers' set_attn_processor; the controller carries the mask)
         self.attention = install_attention_processors(
-            self.unet, full_attention, attention_policy, attention_threshold, attention_max_tokens_per_frame
+            self.unet, full_attention, attention_policy, attention_threshold, attention_max_tokens_per_frame,
+            kv_source=attention_kv,
         )
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -185,7 +185,10 @@ class StereoModule(L.LightningModule):
 
     def validation_step(self, batch: StereoClip, batch_idx: int) -> None:
         if self.trains:
-            with torch.random.fork_rng(devices=[]):  # the same sigma / noise every validation: comparable losses
+            # the same sigma / noise every validation (comparable losses); manual_seed also seeds the
+            # GPU, so its generator is forked too, or training would repeat its draws after each validation
+            gpu = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpu):
                 torch.manual_seed(batch_idx)
                 loss, _ = self.compute_loss(batch)
             self.log("val/loss", loss, batch_size=batch.left.shape[0], sync_dist=True)
