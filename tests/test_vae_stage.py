@@ -12,11 +12,12 @@ from lightning_m2s import vae_stage
 from lightning_m2s.errors import ConfigError
 from lightning_m2s.models.vae import FrozenVideoVAE
 from lightning_m2s.vae_stage import (
-    VAE_STAGE_DEFAULTS, cache_key, ensure_tiny_vae, read_metrics, resolve_stage, stage_dir,
+    VAE_STAGE_DEFAULTS, ClipSampler, cache_key, ensure_tiny_vae, read_metrics, resolve_stage, stage_dir,
 )
 
-# A few cheap steps: 16 px crops, 2 frames, 2 training scenes; the report on one 4-frame 32 px clip per source.
-TINY = dict(steps=4, size=16, batch_size=2, frames=2, num_train_videos=2, eval_clips=1, eval_frames=4,
+# A few cheap steps: 2 on 16 px crops then 2 on 16 or 32 px crops, 2 frames, 2 training scenes; the
+# report on one 4-frame 32 px clip per source.
+TINY = dict(steps=2, final_steps=2, final_sizes=[16, 32], size=16, batch_size=2, frames=2, num_train_videos=2, eval_clips=1, eval_frames=4,
             eval_size=32, checkpoint_every=2, log_every=2, progress=False, lr=2e-3)
 
 
@@ -43,7 +44,7 @@ def test_trains_caches_and_loads(trained):
     assert path == stage_dir(stage) / "model" and (path / "config.json").is_file()
     assert not (path.parent / "checkpoint.pt").exists()  # removed once the model is in place
     m = read_metrics(path)
-    assert m["steps"] == 4 and m == read_metrics(path.parent)
+    assert m["steps"] == 4 and m == read_metrics(path.parent)  # both phases
     for k in ("psnr_heldout_synthetic", "psnr_heldout_real"):
         assert 0 < m[k] < 60
     vae = FrozenVideoVAE.from_pretrained(path, subfolder=None)
@@ -85,10 +86,14 @@ def test_unknown_and_bad_keys_raise_config_error(tmp_path):
         ensure_tiny_vae({"stepz": 3, "cache_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="vae_stage.settings.lr_"):
         resolve_stage({"enabled": True, "settings": {"lr_": 1}})
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(ConfigError, match="multiples of 8"):
         resolve_stage({"size": 20})
     with pytest.raises(ConfigError, match="steps"):
         resolve_stage({"steps": 0})
+    with pytest.raises(ConfigError, match="final_sizes"):
+        resolve_stage({"final_sizes": 64})
+    with pytest.raises(ConfigError, match="multiples of 8"):
+        resolve_stage({"final_sizes": [32, 60]})
     with pytest.raises(ConfigError, match="integer"):
         resolve_stage({"frames": 2.5})
     with pytest.raises(ConfigError, match="true or false"):
@@ -102,8 +107,8 @@ def test_unknown_and_bad_keys_raise_config_error(tmp_path):
 
 
 def test_resume_after_interruption_continues_from_the_checkpoint(trained, tmp_path):
-    # the fixture's config (4 steps, a checkpoint every 2) in another cache root (same key), stopped
-    # after step 3: the last checkpoint is step 2, so the rerun starts at step 3
+    # the fixture's config (2 + 2 steps, a checkpoint every 2) in another cache root (same key), stopped
+    # after step 3: the last checkpoint is step 2, so the rerun starts at step 3 (the multi-size phase)
     stage, straight, _ = trained
     stage = {**stage, "cache_dir": str(tmp_path)}
     seen = []
@@ -130,10 +135,18 @@ def test_resume_after_interruption_continues_from_the_checkpoint(trained, tmp_pa
     assert read_metrics(path)["psnr_heldout_synthetic"] == pytest.approx(read_metrics(straight)["psnr_heldout_synthetic"], abs=1e-3)
 
 
+def test_multi_size_batches_keep_the_pixel_count():
+    pool = torch.randint(0, 255, (3, 6, 3, 64, 64), dtype=torch.uint8)
+    sampler = ClipSampler(pool, batch_size=4, frames=2, size=16, seed=0)
+    assert sampler().shape == (4, 2, 3, 16, 16)
+    shapes = {tuple(sampler([16, 32, 64]).shape) for _ in range(30)}
+    assert shapes == {(4, 2, 3, 16, 16), (1, 2, 3, 32, 32), (1, 2, 3, 64, 64)}
+
+
 def test_loss_decreases(tmp_path):
     # 30 steps from a fixed seed: the reconstruction L1 of the last 10 steps is clearly below the first 10
     losses = []
-    ensure_tiny_vae(tiny(tmp_path, steps=30, lr=3e-3, checkpoint_every=100, eval_clips=1),
+    ensure_tiny_vae(tiny(tmp_path, steps=30, final_steps=0, lr=3e-3, checkpoint_every=100, eval_clips=1),
                     on_step=lambda step, loss: losses.append(loss))
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.8 * first, (first, last)
@@ -163,7 +176,7 @@ def test_concurrent_processes_share_one_training(tmp_path):
     assert len(paths) == 1
     assert steps_file.read_text().split() == ["1", "2", "3", "4"]  # one process trained, the other waited
     folder = stage_dir(stage)
-    assert json.loads((folder / "metrics.json").read_text())["steps"] == TINY["steps"]
+    assert json.loads((folder / "metrics.json").read_text())["steps"] == TINY["steps"] + TINY["final_steps"]
     assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
 
 
