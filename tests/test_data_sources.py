@@ -10,6 +10,7 @@ import torch
 
 from lightning_m2s.data.sources import Ego4DSource, FolderSource, ImagePairSource, Stereo4DSource, SyntheticSource, build_source
 from lightning_m2s.data.sources.image_pairs import fill_unknown_disparity
+from lightning_m2s.errors import ConfigError, DataError
 from lightning_m2s.geometry import forward_splat
 
 FRAMES = np.arange(0, 150, 15)
@@ -168,3 +169,56 @@ def test_small_frame_widths_read_exactly(tmp_path, width):
     frames = np.random.default_rng(0).integers(0, 256, (6, 24, width, 3), dtype=np.uint8)
     path = write_video(tmp_path / "small.mp4", frames, lossless=True)
     assert np.array_equal(read_frames(path, [1, 4]), frames[[1, 4]])
+
+
+def test_stereo4d_released_warps_replace_the_splat(tmp_path, stereo_arrays):
+    """The M2SVid release's layout: offline warps in reprojected/ and reprojected_mask/, no flow file read."""
+    from conftest import write_stereo4d_clip
+
+    from lightning_m2s.data.dataset import StereoClipDataset
+    from lightning_m2s.data.video_io import write_video
+
+    left, right, disp = stereo_arrays
+    write_stereo4d_clip(tmp_path, "vidB", left, right, disp, nested=False)
+    warped, holes = forward_splat(torch.from_numpy(left).permute(0, 3, 1, 2).float(), torch.from_numpy(disp))
+    write_video(tmp_path / "reprojected" / "vidB.mp4", warped.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(),
+                30.0, lossless=True)
+    write_video(tmp_path / "reprojected_mask" / "vidB.mp4", (holes[..., None] * 255).byte().expand(-1, -1, -1, 3).numpy(),
+                30.0, lossless=True)
+    (tmp_path / "flows_stereo" / "vidB-flows_stereo.pkl").unlink()  # never needed
+
+    def eval_clip(source):
+        ds = StereoClipDataset([source], [1.0], train=False, eval_frames=4, eval_size=(64, 64), eval_fps=30.0, close_kernel=3)
+        return ds[0]
+
+    released = eval_clip(Stereo4DSource(tmp_path, warps="released"))
+    assert torch.isnan(released.disparity).all()  # unknown: the warp was made offline
+    write_stereo4d_clip(tmp_path / "flows", "vidB", left, right, disp)
+    splatted = eval_clip(Stereo4DSource(tmp_path / "flows"))  # the same warp, made in the pipeline
+    assert torch.equal(released.mask, splatted.mask) and released.mask.any()
+    assert (released.warped - splatted.warped).abs().max() <= 1 / 127.5 + 1e-6  # uint8 video vs float
+
+    (tmp_path / "reprojected_mask" / "vidB.mp4").unlink()
+    with pytest.raises(DataError, match="reprojected_mask/vidB.mp4 not found"):
+        Stereo4DSource(tmp_path, warps="released").read_warp(0, [0, 1])
+    with pytest.raises(ConfigError, match="warps"):
+        Stereo4DSource(tmp_path, warps="offline")
+
+
+def test_ego4d_released_warps(tmp_path, stereo_arrays):
+    from lightning_m2s.data.video_io import write_video
+
+    left, right, disp = stereo_arrays
+    write_video(tmp_path / "uuid_clip_0002.mp4", np.concatenate([left, right], axis=2), 30.0, lossless=True)
+    holes = np.zeros(disp.shape, dtype=bool)
+    holes[:, 10:20, 30:40] = True
+    write_video(tmp_path / "reprojected" / "uuid_clip_0002.mp4", right, 30.0, lossless=True)
+    write_video(tmp_path / "reprojected_mask" / "uuid_clip_0002.mp4", np.repeat(holes[..., None] * 255, 3, -1).astype(np.uint8),
+                30.0, lossless=True)
+    src = Ego4DSource(tmp_path, warps="released")  # no disparity files: the clips are the warps'
+    assert src.names == ["uuid_clip_0002"]
+    l, r, d = src.read(0, [1, 4])
+    assert d is None
+    warped, mask = src.read_warp(0, [1, 4])
+    np.testing.assert_array_equal(warped, right[[1, 4]])
+    np.testing.assert_array_equal(mask, holes[[1, 4]])

@@ -26,7 +26,7 @@ class StereoClip:
     left: torch.Tensor  # [T, 3, H, W] float in [-1, 1]
     right: torch.Tensor  # [T, 3, H, W] ground-truth right view
     warped: torch.Tensor  # [T, 3, H, W] left splatted to the right view, -1 under `mask`
-    disparity: torch.Tensor  # [T, 1, H, W] float pixels, left view
+    disparity: torch.Tensor  # [T, 1, H, W] float pixels, left view (NaN: a precomputed warp's, unknown)
     holes: torch.Tensor  # [T, 1, H, W] bool, raw splat holes
     mask: torch.Tensor  # [T, 1, H, W] bool, holes closed (disocclusion mask M)
     meta: Any = field(default_factory=dict)  # dict (one clip) or list of dicts (batch)
@@ -45,16 +45,23 @@ def to_float_video(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 def make_clip(
     left: torch.Tensor,
     right: torch.Tensor,
-    disparity: torch.Tensor,
+    disparity: torch.Tensor | None,
     meta: dict | None = None,
     close_kernel: int = 11,
+    warp: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> StereoClip:
     """Warp `left` with `disparity` and build the sample.
 
     left, right: float `[T, 3, H, W]` in [-1, 1]; disparity: float `[T, H, W]` pixels of these images.
     Warping happens here, in the pipeline, so ground-truth and estimated disparity go through the same code.
+    warp: a precomputed (warped float [T, 3, H, W], holes bool [T, H, W]) instead (the M2SVid release's
+    offline warps); the disparity is then unknown and NaN.
     """
-    warped, holes = forward_splat(left, disparity)  # [T, 3, H, W], [T, H, W]
+    if warp is None:
+        warped, holes = forward_splat(left, disparity)  # [T, 3, H, W], [T, H, W]
+    else:
+        warped, holes = warp
+        disparity = torch.full(holes.shape, float("nan"))
     mask = close_mask(holes, close_kernel)  # [T, H, W]
     warped = warped.masked_fill(mask[:, None], -1.0)  # black under M, as the released code
     return StereoClip(

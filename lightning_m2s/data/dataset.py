@@ -11,7 +11,9 @@ from torch.utils.data import Dataset
 from lightning_m2s.data.buckets import SampleKey
 from lightning_m2s.data.clip import StereoClip, make_clip
 from lightning_m2s.data.sources import StereoSource, build_source
-from lightning_m2s.data.transforms import center_crop_box, crop_resize, random_resized_crop_box, sample_frame_indices
+from lightning_m2s.data.transforms import (
+    center_crop_box, crop_resize, crop_resize_warp, random_resized_crop_box, sample_frame_indices,
+)
 from lightning_m2s.errors import ConfigError
 
 
@@ -40,7 +42,8 @@ class StereoClipDataset(Dataset):
     random fps in `fps` (an int range [lo, hi], drawn uniformly per sample, or one number), random
     resized crop. Evaluation: `__getitem__(i)` for clip i of a fixed list (the sources' videos
     interleaved, each capped by `caps`, all capped by `eval_clips`): start 0, `eval_fps`, centre crop to
-    `eval_size`. Warping happens here with geometry.forward_splat from the source's disparity.
+    `eval_size`. Warping happens here with geometry.forward_splat from the source's disparity (or a
+    source's offline warp, cropped and resized with the views).
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class StereoClipDataset(Dataset):
             target = float(rng.integers(int(lo), int(hi) + 1)) if hi > lo else float(lo)
             indices, fps = sample_frame_indices(info.num_frames, info.fps, frames, target, rng, where, adapt_stride=hi > lo)
         left, right, disparity = source.read(item, indices)
+        warp = source.read_warp(item, indices)  # None unless the source ships offline warps
         H, W = left.shape[1:3]
         box = center_crop_box(H, W, *size) if rng is None else random_resized_crop_box(H, W, *size, self.crop_scale, rng)
         left_t, right_t, disp_t = crop_resize(left, right, disparity, box, size)
+        warp_t = crop_resize_warp(*warp, box, size) if warp is not None else None
         meta = {
             "source": source.name,
             "video": info.name,
@@ -126,4 +131,4 @@ class StereoClipDataset(Dataset):
             "seed": seed,
         }
         with torch.no_grad():
-            return make_clip(left_t, right_t, disp_t, meta, self.close_kernel)
+            return make_clip(left_t, right_t, disp_t, meta, self.close_kernel, warp=warp_t)

@@ -105,15 +105,26 @@ def resize_disparity(disparity: torch.Tensor, size: tuple[int, int]) -> torch.Te
 
 
 def crop_resize(
-    left: np.ndarray, right: np.ndarray, disparity: np.ndarray, box: CropBox, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 [T, H, W, 3] views and disparity [T, H, W] -> float [T, 3, h, w] in [-1, 1] views and
-    disparity [T, h, w] in output pixels, all cropped by `box` and resized to `size` = (h, w)."""
-    sl = (slice(box.top, box.top + box.height), slice(box.left, box.left + box.width))
+    left: np.ndarray, right: np.ndarray, disparity: np.ndarray | None, box: CropBox, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 [T, H, W, 3] views and disparity [T, H, W] (or None) -> float [T, 3, h, w] in [-1, 1] views
+    and disparity [T, h, w] in output pixels, all cropped by `box` and resized to `size` = (h, w)."""
+    rgb = lambda frames: _crop_resize_rgb(frames, box, size)  # noqa: E731
+    if disparity is None:
+        return rgb(left), rgb(right), None
+    d = torch.from_numpy(np.ascontiguousarray(disparity[:, box.top : box.top + box.height, box.left : box.left + box.width]))
+    return rgb(left), rgb(right), resize_disparity(d.float(), size)
 
-    def rgb(frames: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(frames[:, sl[0], sl[1]])).permute(0, 3, 1, 2).float()
-        return resize_video(x, size).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
 
-    d = torch.from_numpy(np.ascontiguousarray(disparity[:, sl[0], sl[1]])).float()
-    return rgb(left), rgb(right), resize_disparity(d, size)
+def crop_resize_warp(warped: np.ndarray, holes: np.ndarray, box: CropBox, size: tuple[int, int]):
+    """A precomputed warp: uint8 [T, H, W, 3] and bool hole mask [T, H, W] -> float [T, 3, h, w] in
+    [-1, 1] and bool [T, h, w] (a pixel is a hole when most of it was), cropped and resized as the views."""
+    sl = (slice(None), slice(box.top, box.top + box.height), slice(box.left, box.left + box.width))
+    m = torch.from_numpy(np.ascontiguousarray(holes[sl]))[:, None].float()  # [T, 1, H, W]
+    return _crop_resize_rgb(warped, box, size), resize_video(m, size)[:, 0] > 0.5
+
+
+def _crop_resize_rgb(frames: np.ndarray, box: CropBox, size: tuple[int, int]) -> torch.Tensor:
+    x = frames[:, box.top : box.top + box.height, box.left : box.left + box.width]
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    return resize_video(x, size).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_m2s.data.video_io import VideoInfo
+from lightning_m2s.data.video_io import VideoInfo, read_frames, video_info
 from lightning_m2s.errors import ConfigError, DataError
 
 
@@ -35,8 +35,14 @@ class StereoSource:
         """The file (or scene) behind video i, for error messages."""
         return f"{self.name}[{i}]"
 
-    def read(self, i: int, frame_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frames `frame_indices` of video i: left, right uint8 `[T, H, W, 3]`, disparity float32 `[T, H, W]`."""
+    def read_warp(self, i: int, frame_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """An offline warp of the same frames, (warped uint8 [T, H, W, 3], holes bool [T, H, W]), for
+        sources that ship one (then `read` may return no disparity); None: warp from the disparity."""
+        return None
+
+    def read(self, i: int, frame_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Frames `frame_indices` of video i: left, right uint8 `[T, H, W, 3]`, disparity float32 `[T, H, W]`
+        (None when the source ships offline warps instead, see `read_warp`)."""
         if not 0 <= i < len(self):
             raise IndexError(f"{self.name} has {len(self)} videos; index {i} is out of range")
         idx = np.asarray(frame_indices, dtype=np.int64)
@@ -47,7 +53,7 @@ class StereoSource:
             )
         left, right, disparity = self._read(i, idx)
         check_views(self.describe(i), left, right, disparity, len(idx))
-        return left, right, disparity.astype(np.float32, copy=False)
+        return left, right, None if disparity is None else disparity.astype(np.float32, copy=False)
 
 
 def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.ndarray, num_frames: int) -> None:
@@ -60,6 +66,8 @@ def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.n
         raise DataError(f"{where}: left/right size mismatch: {left.shape[1:3]} vs {right.shape[1:3]}")
     if left.shape[0] != num_frames:
         raise DataError(f"{where}: clip shorter than requested: got {left.shape[0]} of {num_frames} frames")
+    if disparity is None:  # an offline warp instead (checked by check_warp)
+        return
     if disparity.shape != left.shape[:3]:
         raise DataError(f"{where}: disparity shape {disparity.shape} does not match the video {left.shape[:3]}")
     finite = np.isfinite(disparity)
@@ -70,6 +78,23 @@ def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.n
             f"{where}: disparity has negative values (min {float(disparity.min()):.3g} px); "
             "left-view disparity must be >= 0"
         )
+
+
+WARPS = ("splat", "released")  # warp in the pipeline from the disparity | the M2SVid release's offline warps
+
+
+def read_released_warp(root: Path, name: str, frame_indices: np.ndarray, info: VideoInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The M2SVid release's offline warp of clip `name`: `root/reprojected/<name>.mp4` (the warped right
+    view) and `root/reprojected_mask/<name>.mp4` (white = hole) -> uint8 [T, H, W, 3], bool [T, H, W]."""
+    paths = root / "reprojected" / f"{name}.mp4", root / "reprojected_mask" / f"{name}.mp4"
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"offline warp (warps: released): {path} not found")
+        v = video_info(path, name)
+        if (v.num_frames, v.height, v.width) != (info.num_frames, info.height, info.width):
+            raise DataError(f"{path}: {v.num_frames} frames of {v.height}x{v.width}, but the clip has "
+                            f"{info.num_frames} of {info.height}x{info.width}")
+    return read_frames(paths[0], frame_indices), read_frames(paths[1], frame_indices)[..., 0] > 127
 
 
 def check_pair_videos(where: str, left: VideoInfo, right: VideoInfo) -> None:

@@ -7,6 +7,8 @@ Layout (the M2SVid release stores side-by-side clips `<uuid>_clip_NNNN.mp4`; dis
                                       (KITTI's scale), pixels of one view, left view
       or <clip>_disparity.npz         array 'disparity' [T, H, W] float pixels (or <clip>_disparity.npy)
 A clip is every name with a disparity entry; its video must exist. `disparity_scale` changes the PNG scale.
+warps "released": the release's offline warps `root/reprojected/<clip>.mp4` and
+`root/reprojected_mask/<clip>.mp4` (white = hole) replace the disparity; a clip is then every name there.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_m2s.data.sources.base import StereoSource, check_pair_videos, require_dir, select_videos
+from lightning_m2s.data.sources.base import (
+    WARPS, StereoSource, check_pair_videos, read_released_warp, require_dir, select_videos,
+)
 from lightning_m2s.data.sources.folder import load_disparity_array
 from lightning_m2s.data.video_io import VideoInfo, read_frames, video_info
-from lightning_m2s.errors import DataError
+from lightning_m2s.errors import ConfigError, DataError
 
 
 def write_disparity_pngs(folder: str | Path, disparity: np.ndarray, scale: float = 256.0) -> None:
@@ -37,16 +41,24 @@ def write_disparity_pngs(folder: str | Path, disparity: np.ndarray, scale: float
 class Ego4DSource(StereoSource):
     name = "ego4d"
 
-    def __init__(self, root: str | Path, videos: Sequence[str] | str | None = None, disparity_scale: float = 256.0):
+    def __init__(
+        self, root: str | Path, videos: Sequence[str] | str | None = None, disparity_scale: float = 256.0,
+        warps: str = "splat",
+    ):
+        if warps not in WARPS:
+            raise ConfigError(f"ego4d: warps {warps!r} (key 'warps') must be one of {WARPS}")
         self.root = require_dir(root)
-        self.disparity_scale = float(disparity_scale)
+        self.disparity_scale, self.warps = float(disparity_scale), warps
         found: dict[str, Path] = {}
-        for p in sorted(self.root.iterdir()):
-            for suffix in ("_disparity", "_disparity.npz", "_disparity.npy"):
-                if p.name.endswith(suffix) and (p.is_dir() == (suffix == "_disparity")):
-                    found[p.name[: -len(suffix)]] = p
+        if warps == "released":
+            found = {p.stem: p for p in sorted((self.root / "reprojected").glob("*.mp4"))}
+        else:
+            for p in sorted(self.root.iterdir()):
+                for suffix in ("_disparity", "_disparity.npz", "_disparity.npy"):
+                    if p.name.endswith(suffix) and (p.is_dir() == (suffix == "_disparity")):
+                        found[p.name[: -len(suffix)]] = p
         self.names = select_videos(found, videos, self.root)
-        self.disparity = [found[n] for n in self.names]
+        self.disparity = [found[n] for n in self.names]  # disparity files, or the offline warps
         self._info: dict[int, VideoInfo] = {}
 
     def __len__(self) -> int:
@@ -59,7 +71,10 @@ class Ego4DSource(StereoSource):
         return (left, right) if left.exists() or right.exists() else (sbs,)
 
     def describe(self, i: int) -> str:
-        return f"{' / '.join(map(str, self._videos(i)))} (disparity {self.disparity[i].name})"
+        return f"{' / '.join(map(str, self._videos(i)))} ({'warp' if self.warps == 'released' else 'disparity'} {self.disparity[i].name})"
+
+    def read_warp(self, i: int, frame_indices):
+        return read_released_warp(self.root, self.names[i], frame_indices, self.info(i)) if self.warps == "released" else None
 
     def info(self, i: int) -> VideoInfo:
         if i not in self._info:
@@ -102,4 +117,4 @@ class Ego4DSource(StereoSource):
             sbs = read_frames(paths[0], frame_indices)  # [T, H, 2W, 3]
             half = sbs.shape[2] // 2
             left, right = np.ascontiguousarray(sbs[:, :, :half]), np.ascontiguousarray(sbs[:, :, half:])
-        return left, right, self._load_disparity(i, frame_indices)
+        return left, right, None if self.warps == "released" else self._load_disparity(i, frame_indices)

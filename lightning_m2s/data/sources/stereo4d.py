@@ -10,6 +10,10 @@ right view, so u = -d. Disparity = -fwd[..., 0] (flow_sign "negate", the default
 loader computes depth from -fwd the same way). flow_sign "keep" takes fwd[..., 0] as is; "auto" picks
 the sign per clip that makes most values >= 0. Stereo matching is noisy near zero disparity: values
 down to -negative_tolerance px are clamped to 0; anything more negative is an error naming the file.
+
+warps "released": use the M2SVid release's offline warps instead of splatting the flow's disparity:
+`root/reprojected/{vid}.mp4` (the warped right view) and `root/reprojected_mask/{vid}.mp4` (white =
+hole), made at native resolution; they are cropped and resized with the views, and no flow file is read.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from lightning_m2s.data.sources.base import StereoSource, check_pair_videos, require_dir, select_videos
+from lightning_m2s.data.sources.base import (
+    WARPS, StereoSource, check_pair_videos, read_released_warp, require_dir, select_videos,
+)
 from lightning_m2s.data.video_io import VideoInfo, read_frames, video_info
 from lightning_m2s.errors import ConfigError, DataError
 
@@ -53,10 +59,14 @@ class Stereo4DSource(StereoSource):
         videos: Sequence[str] | str | None = None,
         flow_sign: str = "negate",
         negative_tolerance: float = 1.0,
+        warps: str = "splat",
     ):
         if flow_sign not in FLOW_SIGNS:
             raise ConfigError(f"stereo4d: flow_sign {flow_sign!r} (key 'flow_sign') must be one of {FLOW_SIGNS}")
+        if warps not in WARPS:
+            raise ConfigError(f"stereo4d: warps {warps!r} (key 'warps') must be one of {WARPS}")
         self.root = require_dir(root)
+        self.warps = warps
         self.flow_sign, self.negative_tolerance = flow_sign, float(negative_tolerance)
         lefts = _index(self.root, "-left_rectified.mp4")
         rights = _index(self.root, "-right_rectified.mp4")
@@ -85,8 +95,13 @@ class Stereo4DSource(StereoSource):
             self._info[i] = left
         return self._info[i]
 
+    def read_warp(self, i: int, frame_indices):
+        return read_released_warp(self.root, self.names[i], frame_indices, self.info(i)) if self.warps == "released" else None
+
     def _read(self, i: int, frame_indices: np.ndarray):
         left_path, right_path, flow_path = self.files[i]
+        if self.warps == "released":  # the offline warp replaces the disparity (read_warp)
+            return read_frames(left_path, frame_indices), read_frames(right_path, frame_indices), None
         if not flow_path.is_file():
             raise DataError(f"stereo flow file not found: {flow_path}")
         try:
