@@ -6,7 +6,7 @@
 
 Long videos (App. E) run in autoregressive temporal chunks: the last `overlap_frames` generated right
 frames enter the next chunk as known frames (their warped input is the generated frame and their mask
-is empty, as `modules.base.replace_first_frames_with_truth` does in training); those frames are written
+is empty, as `modules.base.replace_frames_with_truth` does in training); those frames are written
 once the next chunk has predicted them too, cross-faded from the old to the new prediction, so a model
 that does not reproduce its known frames exactly leaves a smaller seam. Frames are read per chunk
 (decord, by index) and written as they come (a streaming PyAV writer), so host memory is bounded by the

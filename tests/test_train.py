@@ -11,10 +11,10 @@ import torch
 from conftest import store_overrides
 
 from lightning_m2s.config import load_config
-from lightning_m2s.data.clip import make_clip
-from lightning_m2s.errors import ModelError
+from lightning_m2s.data.clip import collate_clips, make_clip
+from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.modules import load_refiner
-from lightning_m2s.modules.base import NonFiniteLossError, replace_first_frames_with_truth
+from lightning_m2s.modules.base import NonFiniteLossError, replace_frames_with_truth
 from lightning_m2s.modules.baselines import background_side_fill
 from lightning_m2s.train import train
 
@@ -79,7 +79,7 @@ def test_long_video_frames_take_the_ground_truth_and_are_known():
     clip = make_clip(left, right, torch.full((4, 16, 16), 3.0), close_kernel=1)
     batch = type(clip)(**{k: (v[None] if torch.is_tensor(v) else [v]) for k, v in vars(clip).items()})
     known = torch.tensor([[True, True, False, False]])
-    out = replace_first_frames_with_truth(batch, known)
+    out = replace_frames_with_truth(batch, known)
     assert torch.equal(out.warped[0, :2], right[:2]) and torch.equal(out.warped[0, 2:], batch.warped[0, 2:])
     assert not out.mask[0, :2].any() and torch.equal(out.mask[0, 2:], batch.mask[0, 2:])
 
@@ -131,3 +131,29 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path):
         train(load_config("debug", tune + [f"trainer.init_from={tmp_path / 'absent.ckpt'}", f"meta.output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ModelError, match="do not fit"):  # 9-channel model from a 13-channel checkpoint
         train(load_config("debug", tune + ["model.left_condition=false", f"meta.output_dir={tmp_path / 'y'}"]))
+
+
+@pytest.mark.parametrize("positions", ["first", "random"])
+def test_long_video_augment_makes_n_frames_known_per_batch(positions):
+    from lightning_m2s.modules.latent_only import LatentOnlyModule
+
+    module = LatentOnlyModule(model=dict(vae=dict(block_out_channels=(32, 32, 32, 32))),
+                              long_video=dict(probability=1.0, positions=positions))
+    g = torch.Generator().manual_seed(0)
+    clips = [make_clip(torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, torch.rand(6, 3, 16, 16, generator=g) * 2 - 1,
+                       torch.full((6, 16, 16), 3.0), close_kernel=1) for _ in range(3)]
+    batch = collate_clips(clips)
+    assert batch.mask.any(dim=(2, 3, 4)).all()  # every frame has holes before
+    torch.manual_seed(1)
+    counts, starts_first = set(), True
+    for _ in range(10):
+        out = module._long_video_augment(batch)
+        known = ~out.mask.any(dim=(2, 3, 4))  # [B, T]
+        assert torch.equal(out.warped[known], batch.right[known])
+        counts.add(tuple(known.sum(1).tolist()))
+        n = int(known.sum(1)[0])
+        starts_first &= bool(known[:, :n].all())
+    assert all(len(set(c)) == 1 for c in counts) and len(counts) > 1  # one n per batch, varying
+    assert starts_first == (positions == "first")
+    with pytest.raises(ConfigError, match="positions"):
+        LatentOnlyModule(long_video=dict(positions="last"))

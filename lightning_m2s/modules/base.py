@@ -20,7 +20,8 @@ from lightning_m2s.models.refiner import StereoRefiner, build_refiner
 # Evaluation dataset names in metric keys (`test/<dataset>/<metric>`): sources by what they are.
 DATASET_NAMES = {"image_pairs": "real"}
 OPTIM_DEFAULTS = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))
-LONG_VIDEO_DEFAULTS = dict(probability=0.0, distribution="uniform")
+LONG_VIDEO_DEFAULTS = dict(probability=0.0, distribution="uniform", positions="first")
+LONG_VIDEO_POSITIONS = ("first", "random", "either")
 EVAL_DEFAULTS = dict(steps=1, lpips_net="alex", preview_clips=2)
 # One set of loss settings for all variants; each uses its own: standard_diffusion the sigma sampling
 # (EDM log-normal, Hi3D's), end_to_end the Eq. 5 weights (released: each 1.0, LPIPS with VGG16).
@@ -35,7 +36,7 @@ def dataset_name(meta: dict) -> str:
     return DATASET_NAMES.get(meta.get("source", "unknown"), meta.get("source", "unknown"))
 
 
-def replace_first_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoClip:
+def replace_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoClip:
     """Long-video conditioning (App. E): frames where `known` [B, T] is True get the ground-truth right
     frame as their warped input and an empty mask, as generated frames do at long-video inference."""
     k = known[:, :, None, None, None]  # [B, T, 1, 1, 1]
@@ -66,6 +67,8 @@ class StereoModule(L.LightningModule):
         self.long_video = _with_defaults(LONG_VIDEO_DEFAULTS, long_video, "module.long_video")
         if self.long_video["distribution"] not in ("uniform", "exponential"):
             raise ConfigError("module.long_video.distribution must be uniform or exponential")
+        if self.long_video["positions"] not in LONG_VIDEO_POSITIONS:
+            raise ConfigError(f"module.long_video.positions must be one of {LONG_VIDEO_POSITIONS}")
         self.model: StereoRefiner | None = build_refiner(**(model or {})) if self.trains else None
         # Checkpoints may omit frozen weights that the config reloads (see on_save_checkpoint).
         self.strict_loading = False
@@ -100,16 +103,20 @@ class StereoModule(L.LightningModule):
         return self.model.decode(self.predict_latent(cond, seed)).clamp(-1, 1)
 
     def _long_video_augment(self, batch: StereoClip) -> StereoClip:
-        p = self.long_video["probability"]
-        if p <= 0 or torch.rand(()) >= p:
+        """With `probability` per batch, n frames of every clip become known (one n per batch, as the
+        released code): the first n (as chunks hand over at inference), or n at random positions."""
+        cfg = self.long_video
+        if cfg["probability"] <= 0 or torch.rand(()) >= cfg["probability"]:
             return batch
         B, T = batch.left.shape[:2]
-        if self.long_video["distribution"] == "uniform":  # n in [0, T]
-            n = torch.randint(0, T + 1, (B,))
+        if cfg["distribution"] == "uniform":  # n in [0, T]
+            n = int(torch.randint(0, T + 1, ()))
         else:  # released: round(Exponential(1)) frames
-            n = torch.distributions.Exponential(1.0).sample((B,)).round().long().clamp(max=T)
-        known = torch.arange(T)[None] < n[:, None]  # [B, T], the first n frames
-        return replace_first_frames_with_truth(batch, known.to(batch.left.device))
+            n = min(int(torch.distributions.Exponential(1.0).sample().round()), T)
+        first = cfg["positions"] == "first" or (cfg["positions"] == "either" and torch.rand(()) < 0.5)
+        order = torch.arange(T).expand(B, T) if first else torch.rand(B, T).argsort(dim=1)  # frame ranks
+        known = order.argsort(dim=1) < n  # [B, T]: the n frames ranked first
+        return replace_frames_with_truth(batch, known.to(batch.left.device))
 
     def _metric(self, stage: str, dataset: str) -> StereoMetrics:
         key = f"{stage}/{dataset}"
