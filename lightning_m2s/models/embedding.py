@@ -1,8 +1,9 @@
 """Cross-attention context (one embedding per left frame) and SVD's added_time_ids.
 
 - `CLIPFrameEmbedding`: SVD's image encoder (CLIPVisionModelWithProjection from `image_encoder/`,
-  normalisation from `feature_extractor/`), 224 px bicubic with antialias as SVD's pipeline, on
-  EVERY left frame (M2SVid), no noise -> [B*T, 1, D].
+  normalisation from `feature_extractor/`), resized to 224 px as SVD's pipeline and the released code
+  (Gaussian blur, then bicubic with align_corners, kornia's recipe), on EVERY left frame (M2SVid),
+  no noise -> [B*T, 1, D].
 - `PooledFrameEmbedding`: the embedded default's stand-in. Each frame is area-pooled to a tiny
   grid and mapped by a FIXED random projection (seeded, a buffer, never trained) to D, then
   normalised to unit RMS. Why not a learned token: a token carries no information about the
@@ -59,8 +60,10 @@ class CLIPFrameEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
         x = frames.flatten(0, 1).float()  # [B*T, 3, H, W] in [-1, 1]
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        x = _resize_with_antialiasing(x, (self.size, self.size))  # [B*T, 3, 224, 224]
         x = ((x + 1) / 2 - self.mean) / self.std
         dtype = next(self.encoder.parameters()).dtype
         emb = self.encoder(pixel_values=x.to(dtype)).image_embeds  # [B*T, D]
