@@ -109,11 +109,11 @@ def crop_resize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """uint8 [T, H, W, 3] views and disparity [T, H, W] (or None) -> float [T, 3, h, w] in [-1, 1] views
     and disparity [T, h, w] in output pixels, all cropped by `box` and resized to `size` = (h, w)."""
-    rgb = lambda frames: _crop_resize_rgb(frames, box, size)  # noqa: E731
+    views = _crop_resize_rgb(left, box, size), _crop_resize_rgb(right, box, size)
     if disparity is None:
-        return rgb(left), rgb(right), None
+        return (*views, None)
     d = torch.from_numpy(np.ascontiguousarray(disparity[:, box.top : box.top + box.height, box.left : box.left + box.width]))
-    return rgb(left), rgb(right), resize_disparity(d.float(), size)
+    return (*views, resize_disparity(d.float(), size))
 
 
 def crop_resize_warp(warped: np.ndarray, holes: np.ndarray, box: CropBox, size: tuple[int, int]):

@@ -66,7 +66,7 @@ def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.n
         raise DataError(f"{where}: left/right size mismatch: {left.shape[1:3]} vs {right.shape[1:3]}")
     if left.shape[0] != num_frames:
         raise DataError(f"{where}: clip shorter than requested: got {left.shape[0]} of {num_frames} frames")
-    if disparity is None:  # an offline warp instead (checked by check_warp)
+    if disparity is None:  # an offline warp instead (read_released_warp checks it)
         return
     if disparity.shape != left.shape[:3]:
         raise DataError(f"{where}: disparity shape {disparity.shape} does not match the video {left.shape[:3]}")
