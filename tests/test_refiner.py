@@ -107,3 +107,5 @@ def test_model_sees_the_dilated_mask():
     assert torch.equal(a.latents[:, :, :8], b.latents[:, :, :8])
     with pytest.raises(ConfigError, match="mask_dilation"):
         build_refiner(vae=VAE, mask_dilation=2)
+    with pytest.raises(ConfigError, match="model.attention_kv"):
+        build_refiner(vae=VAE, attention_kv="raw")

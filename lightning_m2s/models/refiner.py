@@ -22,7 +22,7 @@ from torch import nn
 from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.geometry import dilate_mask
 from lightning_m2s.models import unet as unet_lib
-from lightning_m2s.models.attention import POLICIES, install_attention_processors
+from lightning_m2s.models.attention import KV_SOURCES, POLICIES, install_attention_processors
 from lightning_m2s.models.embedding import CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
 from lightning_m2s.models.pretrained import check_svd_directory
 from lightning_m2s.models.vae import FrozenVideoVAE
@@ -105,6 +105,8 @@ class StereoRefiner(nn.Module):
             raise ConfigError(f"model.mask_dilation must be odd (or 0/1 for none), got {mask_dilation}")
         if mask_resize not in MASK_RESIZE:
             raise ConfigError(f"model.mask_resize {mask_resize!r}: choose from {MASK_RESIZE}")
+        if attention_kv not in KV_SOURCES:
+            raise ConfigError(f"model.attention_kv {attention_kv!r}: choose from {KV_SOURCES}")
         if attention_policy not in POLICIES:
             raise ConfigError(f"model.attention_policy {attention_policy!r}: choose from {POLICIES}")
         if autocast_dtype not in AUTOCAST_DTYPES:
