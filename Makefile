@@ -10,7 +10,7 @@ TRIALS ?=
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow sweep dashboard notebook bench clean
+.PHONY: help venv test test-slow sweep dashboard notebook bench weights clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,13 +32,19 @@ test-slow: $(STAMP) ## run the slow tests too
 	$(BIN)/pytest -q -m ''
 
 sweep: $(STAMP) ## run an ablation grid: make sweep ABLATION=left_cond [EXP=tiny] [TRIALS=n] [ARGS='key=value ...']
-	$(BIN)/m2s sweep $(ABLATION) $(if $(EXP),--experiment $(EXP)) $(if $(TRIALS),--trials $(TRIALS)) $(ARGS)
+	$(BIN)/m2s sweep $(ABLATION) $(ARGS) $(if $(EXP),--experiment $(EXP)) $(if $(TRIALS),--trials $(TRIALS))
 
 dashboard: $(STAMP) ## serve the MLflow UI over the local tracking store
 	$(BIN)/m2s dashboard
 
 notebook: $(STAMP) ## execute notebooks/tables_4_10.ipynb headless and write its HTML report
 	$(BIN)/m2s notebook
+
+weights: $(STAMP) ## re-make the shipped tiny SVD under weights/ with its recipes (about 1.5 hours; resumable)
+	$(BIN)/m2s pretrain vae
+	$(BIN)/m2s pretrain prior
+	$(BIN)/m2s pretrain decoder
+	$(BIN)/m2s pretrain export
 
 bench: $(STAMP) ## run every benchmark and write benchmarks/*.json
 	$(BIN)/m2s bench all --json

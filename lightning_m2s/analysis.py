@@ -25,6 +25,7 @@ import pandas as pd
 from lightning_m2s import paper_results, tracking
 from lightning_m2s.config import PROJECT_ROOT
 from lightning_m2s.errors import M2SError
+from lightning_m2s.evaluation import FLOORS
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "tables_4_10.ipynb"
 ABLATIONS = ("left_cond", "full_attention", "loss", "inference_steps", "runtime", "baselines", "hparams")
@@ -42,6 +43,7 @@ REGIONS = ("full", "inside", "outside")
 QUALITY = ("psnr", "ms_ssim", "lpips")
 NO_DATASET = "all"  # dataset of metrics that are per clip, not per evaluation set (latency, steps)
 DIGITS = {"psnr": 2, "ms_ssim": 3, "lpips": 3, "latency_s": 3, "temporal_error": 4}
+FLOOR_PREFIX = "floor: "  # the arm name of a grid's training-free floors in the tidy frame
 TIDY_COLUMNS = ["experiment", "ablation", "arm", "seed", "dataset", "region", "metric", "value", "run_id", "study"]
 
 
@@ -107,8 +109,9 @@ def status_counts(overview: pd.DataFrame) -> pd.DataFrame:
     return overview.groupby(["experiment", "ablation", "arm", "status"]).size().unstack("status", fill_value=0)
 
 
-def load_runs(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
-    """Tidy frame of the final test metrics of every FINISHED trial run: columns TIDY_COLUMNS.
+def load_runs(tracking_uri: str | None = None, ablations=ABLATIONS, include_floors: bool = True) -> pd.DataFrame:
+    """Tidy frame of the final test metrics of every FINISHED trial run: columns TIDY_COLUMNS; with
+    include_floors, each grid's floors too (arm 'floor: <variant>', see load_floors).
 
     Failed, running and killed runs are left out. When one (experiment, ablation, arm, seed, steps) was run
     more than once, the newest finished run counts: a re-run replaces, it is not another seed.
@@ -133,7 +136,103 @@ def load_runs(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFr
                          "arm": tags.get("m2s.arm"), "seed": _seed(tags.get("m2s.seed")),
                          "dataset": parsed[0], "region": parsed[1], "metric": parsed[2], "value": float(value),
                          "run_id": run.info.run_id, "study": tags.get("m2s.study")})
+    runs = pd.DataFrame(rows, columns=TIDY_COLUMNS)
+    return pd.concat([runs, load_floors(tracking_uri, ablations)], ignore_index=True) if include_floors else runs
+
+
+def _parent_runs(client, ablations) -> list:
+    """The newest finished-or-running sweep (parent) run per (experiment, ablation)."""
+    newest = {}
+    for ablation in ablations:
+        exp = client.get_experiment_by_name(f"sweep-{ablation}")
+        if exp is None:
+            continue
+        for run in client.search_runs([exp.experiment_id], filter_string="tags.`m2s.kind` = 'sweep'", max_results=1000):
+            key = (run.data.tags.get("m2s.experiment"), ablation)
+            if key not in newest or run.info.start_time > newest[key].info.start_time:
+                newest[key] = run
+    return list(newest.values())
+
+
+def load_floors(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
+    """The floors each grid logged on its parent run (`floor/<variant>/test/...`), as tidy rows whose arm is
+    'floor: <variant>' (seed 0): they join every table and plot of that grid."""
+    rows = []
+    for run in _parent_runs(tracking.client(tracking_uri), ablations):
+        tags = run.data.tags
+        for key, value in run.data.metrics.items():
+            if not key.startswith("floor/"):
+                continue
+            _, variant, metric_key = key.split("/", 2)
+            parsed = parse_metric(metric_key)
+            if parsed is None:
+                continue
+            rows.append({"experiment": tags.get("m2s.experiment"), "ablation": tags.get("m2s.ablation"),
+                         "arm": f"{FLOOR_PREFIX}{variant}", "seed": 0, "dataset": parsed[0], "region": parsed[1],
+                         "metric": parsed[2], "value": float(value), "run_id": run.info.run_id,
+                         "study": tags.get("m2s.study")})
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def load_differences(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
+    """The paired differences with 95% bootstrap intervals that each grid's sweep printed and logged
+    (`comparison/comparison.json` on its parent run): one row per comparison, test set and metric."""
+    import json
+
+    client = tracking.client(tracking_uri)
+    rows = []
+    for run in _parent_runs(client, ablations):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(run.info.run_id, "comparison/comparison.json", tmp)
+            except Exception:  # noqa: BLE001 - a grid without a logged comparison yet
+                continue
+            data = json.loads(Path(path).read_text())
+        for d in data.get("differences", []):
+            rows.append({"experiment": run.data.tags.get("m2s.experiment"), "ablation": run.data.tags.get("m2s.ablation"), **d})
+    columns = ["experiment", "ablation", "label", "arm", "against", "dataset", "metric", "mean", "lo", "hi",
+               "clips", "seeds", "excludes_zero"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def differences_table(diffs: pd.DataFrame, ablation: str) -> pd.DataFrame:
+    """One grid's paired differences for reading: 'mean [lo, hi]' with * where the interval excludes 0."""
+    sub = diffs[diffs.ablation == ablation]
+    if sub.empty:
+        return pd.DataFrame()
+    digits = lambda m: 3 if m.startswith(("lpips", "ms_ssim")) else 2  # noqa: E731
+    cell = sub.apply(lambda r: f"{r['mean']:+.{digits(r.metric)}f} [{r.lo:+.{digits(r.metric)}f}, "
+                               f"{r.hi:+.{digits(r.metric)}f}]{' *' if r.excludes_zero else ''}", axis=1)
+    out = sub.assign(cell=cell).pivot_table(index=["experiment", "label"], columns=["dataset", "metric"],
+                                             values="cell", aggfunc="first", sort=False)
+    clips = sub.groupby("dataset").clips.max()
+    out.columns = pd.MultiIndex.from_tuples([(f"{d} ({clips[d]} clips)", m) for d, m in out.columns])
+    return out
+
+
+def plot_differences(diffs: pd.DataFrame, ablation: str, metrics=("psnr", "lpips")):
+    """Each test set x metric: every comparison's mean paired difference with its 95% interval (0 marked)."""
+    sub = diffs[(diffs.ablation == ablation) & diffs.metric.isin(metrics)]
+    if sub.empty:
+        return _empty(f"no paired differences logged for sweep-{ablation} yet")
+    datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
+    labels = list(dict.fromkeys(sub.label))
+    fig = _figure(figsize=(4 * len(metrics), 0.5 * len(labels) * len(datasets) + 1.2))
+    axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
+    for r, d in enumerate(datasets):
+        for c, m in enumerate(metrics):
+            ax = axes[r, c]
+            pts = sub[(sub.dataset == d) & (sub.metric == m)].set_index("label").reindex(labels)
+            y = np.arange(len(labels))
+            ax.errorbar(pts["mean"], y, xerr=[pts["mean"] - pts.lo, pts.hi - pts["mean"]], fmt="o", capsize=3)
+            ax.axvline(0, color="0.5", lw=0.8)
+            ax.set_yticks(y, labels, fontsize=8)
+            better = "higher is better" if m == "psnr" else "lower is better"
+            ax.set_title(f"{d}: Δ{m} ({better})", fontsize=9)
+    seeds = int(sub.seeds.max())
+    fig.suptitle(f"sweep-{ablation}: paired differences, 95% bootstrap interval over clips"
+                 f"{' and seeds' if seeds > 1 else ' (1 seed: training noise not covered)'}", fontsize=9)
+    return fig
 
 
 def run_table(runs: pd.DataFrame, ablation: str) -> pd.DataFrame:
@@ -300,9 +399,10 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
     spec = TABLES[str(number)]
     paper = paper_results.frame() if paper is None else paper
     paper = paper[paper.table == spec.number]
-    index = pd.MultiIndex.from_tuples([(r.label, r.steps, r.source) for r in spec.rows],
+    rows = spec.rows + _floor_rows(spec)
+    index = pd.MultiIndex.from_tuples([(r.label, r.steps, r.source) for r in rows],
                                       names=["row", "steps", "ours from"])
-    per_row = [_rows_runs(runs, r) if r.ablation else runs.iloc[:0] for r in spec.rows]
+    per_row = [_rows_runs(runs, r) if r.ablation else runs.iloc[:0] for r in rows]
     relevant = pd.concat(per_row)
     relevant = relevant[relevant.metric.isin(spec.metrics) & relevant.region.isin(spec.regions)]
 
@@ -329,8 +429,8 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
     seeds = pd.DataFrame(0, index=index, columns=list(sources.values()))
     missing = []
 
-    for i, (row, sub) in enumerate(zip(spec.rows, per_row)):
-        if row.ablation and sub.empty:
+    for i, (row, sub) in enumerate(zip(rows, per_row)):
+        if row.ablation and sub.empty and not row.arm.startswith(FLOOR_PREFIX):
             missing.append(f"{row.source} at {row.steps} step{'' if row.steps == '1' else 's'}"
                            if row.match_steps else row.source)
         for exp in experiments:
@@ -348,6 +448,14 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
                 if col in values.columns:
                     values.iloc[i, values.columns.get_loc(col)] = rec.value
     return TableResult(spec, values, std, seeds, missing)
+
+
+def _floor_rows(spec: TableSpec) -> tuple[Row, ...]:
+    """The training-free floors of the table's (first) grid, on exactly its test clips; none for latency."""
+    ablation = next((r.ablation for r in spec.rows if r.ablation), None)
+    if ablation is None or spec.metrics == ("latency_s",):
+        return ()
+    return tuple(Row(f"{FLOOR_PREFIX}{v.replace('_', ' ')}", "—", ablation, f"{FLOOR_PREFIX}{v}") for v in FLOORS)
 
 
 def build_tables(runs: pd.DataFrame) -> dict[str, TableResult]:
@@ -426,6 +534,10 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
             if pts:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{k}", label=label)
+        for k, floor in enumerate(FLOORS):  # the grid's floors: no steps, a level line each
+            vals = sub[(sub.dataset == d) & (sub.arm == f"{FLOOR_PREFIX}{floor}")].value
+            if len(vals):
+                ax.axhline(vals.mean(), ls=":", color=f"C{k + 2}", label=f"{FLOOR_PREFIX}{floor}")
         ax.set_title(f"ours: {d}", fontsize=9)
     paper10 = paper[paper.table == "10"]
     ax = axes[0, -1]
@@ -497,7 +609,7 @@ def plot_qualitative(runs: pd.DataFrame, ablation: str, tracking_uri: str | None
     if sub.empty:
         return _empty(f"no finished runs in sweep-{ablation}")
     datasets = datasets or _ordered([d for d in sub.dataset.unique() if d != NO_DATASET], DATASET_ORDER)
-    arms = _arms(runs, ablation)
+    arms = [a for a in _arms(runs, ablation) if not a.startswith(FLOOR_PREFIX)]  # floors log no frames
     panels = {}  # (dataset, arm) -> arrays
     for d in datasets:
         for arm in arms:

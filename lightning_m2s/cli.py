@@ -1,4 +1,4 @@
-"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook."""
+"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook, pretrain."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning_m2s.errors import M2SError
+from lightning_m2s.errors import Interrupted, M2SError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -27,6 +27,14 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     print(f"\nstudy {summary['study']} (objective {summary['objective']}, {summary['direction']}):")
     print(format_table(summary))
+    failed = summary["failed_now"]
+    incomplete = not summary["complete"] and args.trials is None  # --trials asks for a part of the grid
+    if failed or incomplete:
+        why = [f"{len(failed)} trial(s) failed in this run ({', '.join(r['arm'] for r in failed)}; see the runs' "
+               f"m2s.error tag)"] if failed else []
+        why += ["the grid is incomplete: run the same command again to finish it"] if incomplete else []
+        print(f"m2s sweep: {'; '.join(why)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _dashboard(args: argparse.Namespace) -> None:
@@ -41,8 +49,16 @@ def _notebook(args: argparse.Namespace) -> None:
     print(f"wrote {run_notebook(args.tracking_uri, args.out)}")
 
 
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum, None)
+
+
 def _convert(args: argparse.Namespace) -> None:
+    import signal
+
     from lightning_m2s.convert import ConvertOptions, convert
+
+    signal.signal(signal.SIGTERM, _raise_interrupted)  # unwinds the writers: no partial file is left
 
     options = ConvertOptions(
         format=args.format, max_disparity=args.max_disparity, convergence=args.convergence, depth_kind=args.depth_kind,
@@ -54,6 +70,47 @@ def _convert(args: argparse.Namespace) -> None:
     report = convert(args.input, args.checkpoint, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
     print(f"wrote {report['output']}: {report['frames']} frames {report['height']}x{report['width']} as {report['format']}, "
           f"{report['chunks']} chunk(s) x {report['tiles_per_chunk']} tile(s), {report['frames_per_second']:.2f} frames/s")
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    import logging
+
+    import yaml
+
+    from lightning_m2s.errors import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if any("=" not in item for item in args.settings):
+        raise ConfigError(f"pretrain settings must be key=value, got {args.settings}")
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.settings)}
+    from lightning_m2s.config import work_root
+
+    root = work_root() / "outputs" / "pretrain"
+    out = args.out or root / args.recipe
+    if args.recipe == "vae":
+        from lightning_m2s.pretrain.vae import train_vae
+
+        m = train_vae(out, settings)
+        print(f"pretrain vae: {out / 'vae'}: held-out PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in m["psnr_heldout"].items()))
+    elif args.recipe == "decoder":
+        from lightning_m2s.pretrain.vae import refine_decoder
+
+        m = refine_decoder(args.vae or root / "vae" / "vae", out, settings)
+        print(f"pretrain decoder: {out / 'vae'}: held-out PSNR {m['psnr_heldout']}, LPIPS {m['lpips_heldout']}")
+    elif args.recipe == "prior":
+        from lightning_m2s.pretrain.prior import train_prior
+
+        m = train_prior(args.vae or root / "vae" / "vae", out, settings)
+        print(f"pretrain prior: {out / 'unet'}: held-out loss {m['heldout_loss']} (at init {m['heldout_loss_init']})")
+    else:
+        from lightning_m2s.pretrain.export import export
+
+        if settings:
+            raise ConfigError("pretrain export takes no settings")
+        decoder = args.decoder or root / "decoder"
+        manifest = export(args.vae or root / "vae", args.prior or root / "prior",
+                          decoder if (decoder / "metrics.json").is_file() else None, args.dest)
+        print(f"pretrain export: {len(manifest['files'])} files, {manifest['size_mb']:.1f} MB, manifest written")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -128,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("pretrain", help="the recipes of the shipped tiny SVD: vae, prior, export (make weights)")
+    p.add_argument("recipe", choices=["vae", "decoder", "prior", "export"])
+    p.add_argument("settings", nargs="*", help="recipe settings as key=value, e.g. steps=100")
+    p.add_argument("--out", type=Path, help="output folder (default outputs/pretrain/<recipe>); a rerun resumes it")
+    p.add_argument("--vae", type=Path, help="decoder, prior: the trained VAE (default outputs/pretrain/vae/vae); "
+                   "export: the vae recipe's folder (default outputs/pretrain/vae)")
+    p.add_argument("--decoder", type=Path, help="export: the decoder recipe's folder, whose VAE ships when it is "
+                   "finished (default outputs/pretrain/decoder)")
+    p.add_argument("--prior", type=Path, help="export: the prior recipe's folder (default outputs/pretrain/prior)")
+    p.add_argument("--dest", type=Path, help="export: the weights folder (default weights/)")
+    p.set_defaults(func=_pretrain)
+
     p = sub.add_parser("bench", help="run benchmarks and print their figures")
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
     p.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
@@ -143,6 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     except M2SError as err:
         print(f"m2s {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as err:  # SIGTERM / SIGINT: what was saved, and the shell's 128 + signal number
+        print(f"m2s {args.command}: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print(f"m2s {args.command}: stopped by SIGINT", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ arguments passed through to a library); everything else is checked.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -17,10 +19,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lightning_m2s.errors import ConfigError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the package's checkout: experiments/, sweeps/, notebooks/
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 MAX_CHAIN = 16
+ROOT_ENV = "M2S_ROOT"
+
+
+def work_root() -> Path:
+    """Where runs write (mlflow.db, mlartifacts/, optuna.db, outputs/): $M2S_ROOT, else the working
+    directory. Never the installed package's folder, so two checkouts sharing a virtual environment
+    keep their own stores."""
+    return Path(os.environ.get(ROOT_ENV) or os.getcwd()).resolve()
 
 
 def resolve_file(name: str | Path, folder: Path, kind: str) -> Path:
@@ -78,12 +88,35 @@ def _merge(base: DictConfig, update: DictConfig | dict, source: str) -> DictConf
         raise ConfigError(f"{source}: unknown or invalid key {key!r}: {reason}") from err
 
 
+def _check_types(base: DictConfig, cfg: DictConfig, prefix: str = "") -> None:
+    """A key whose base value is a number or a boolean must stay one (null allowed for numbers): a typo
+    like `trainer.max_steps=abc` is an error here, not a TypeError deep inside a run."""
+    for key in base:
+        if key not in cfg:
+            continue
+        default, value = base._get_node(key), cfg._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(default, DictConfig) and isinstance(value, DictConfig):
+            _check_types(default, value, f"{name}.")
+            continue
+        if isinstance(default, (DictConfig, ListConfig)) or default._is_interpolation():
+            continue
+        d = default._value()
+        v = value if isinstance(value, (DictConfig, ListConfig)) else value._value()
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if isinstance(d, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{name}={v!r}: must be true or false (base.yaml: {d})")
+        if number(d) and not (v is None or number(v)):
+            raise ConfigError(f"{name}={v!r}: must be a number (base.yaml: {d})")
+
+
 def load_config(experiment: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     """Load an experiment (a name in experiments/ or a path), apply dotlist overrides, resolve it."""
     path = resolve_file(experiment, EXPERIMENTS_DIR, "experiment")
     chain = _chain(path)
     cfg = chain[0][1]
     _freeze_schema(cfg)
+    base = cfg.copy()
     for file, update in chain[1:]:
         cfg = _merge(cfg, update, str(file))
     overrides = list(overrides)
@@ -95,12 +128,23 @@ def load_config(experiment: str | Path, overrides: Iterable[str] = ()) -> DictCo
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides: {err}") from err
     cfg = _merge(cfg, dotlist, "command-line override")
+    _check_types(base, cfg)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: cannot resolve interpolation: {err}") from err
     cfg.meta.experiment = path.stem
+    if cfg.meta.run_name is not None:
+        check_name(str(cfg.meta.run_name), "meta.run_name")
     return cfg
+
+
+def check_name(name: str, key: str) -> str:
+    """A name that becomes a folder (run, arm, study): letters, digits, '.', '_', '-' only, so it can
+    never point outside the outputs folder."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or set(name) == {"."}:
+        raise ConfigError(f"{key} {name!r}: use letters, digits, '.', '_' and '-' only (it names a folder)")
+    return name
 
 
 def to_container(cfg: DictConfig | ListConfig) -> dict:

@@ -47,6 +47,7 @@ from lightning_m2s.stereo_formats import FORMATS, compose
 
 OUTPUT_SUFFIXES = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov"}
 MIN_SIDE = 16  # smallest frame side converted: two latent cells of an 8x VAE
+MIN_FPS, MAX_FPS = 0.1, 1000.0  # frame rates a video container can carry sensibly
 PAPER_CLOSE_KERNEL, PAPER_SIZE = 11, 512  # mask closing of the paper at 512 px (App. C.1)
 
 
@@ -101,8 +102,10 @@ class ConvertOptions:
             raise ConfigError(f"close_kernel must be odd (or 0/1 for none), got {self.close_kernel}")
         if self.decode_chunk_size < 1:
             raise ConfigError(f"decode_chunk_size must be >= 1, got {self.decode_chunk_size}")
-        if self.fps is not None and not self.fps > 0:
-            raise ConfigError(f"fps must be > 0, got {self.fps}")
+        for name in ("fps", "fps_id"):
+            value = getattr(self, name)
+            if value is not None and not MIN_FPS <= value <= MAX_FPS:
+                raise ConfigError(f"{name} must be between {MIN_FPS} and {MAX_FPS} frames per second, got {value}")
 
 
 # --- schedules --------------------------------------------------------------------------------------
@@ -343,6 +346,16 @@ def boundary_jumps(means: np.ndarray, boundaries: list[tuple[int, int]]) -> dict
 
 
 # --- the conversion ---------------------------------------------------------------------------------
+def writable_folder(folder: Path) -> None:
+    """Create `folder` if needed and check that files can be created in it (ConfigError naming it)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output folder {folder} is not writable ({err.strerror}); choose another --out") from err
+
+
 def convert(
     input: str | Path,
     checkpoint: str | Path,
@@ -369,10 +382,14 @@ def convert(
     T, H, W = info.num_frames, info.height, info.width
     if min(H, W) < MIN_SIDE:
         raise DataError(f"video {input} frames are {H}x{W}; m2s convert needs at least {MIN_SIDE} pixels per side")
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"output {out}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
     if out.exists() and out.resolve() == input.resolve():
         raise ConfigError(f"output {out} is the input video; the input is never overwritten")
+    if depth is not None and out.exists() and out.resolve() == Path(depth).resolve():
+        raise ConfigError(f"output {out} is the depth file; the inputs are never overwritten")
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"output {out}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
+    for folder in [out.parent] + ([Path(opts.save_intermediates)] if opts.save_intermediates else []):
+        writable_folder(folder)  # before the model and depth passes, not after them
     if (depth is None) == (depth_model is None):
         raise ConfigError("give exactly one depth provider: a depth file (--depth FILE) or a model (--depth-model DIR)")
     if model is None:

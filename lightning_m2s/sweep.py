@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from lightning_m2s import tracking
-from lightning_m2s.config import PROJECT_ROOT, SWEEPS_DIR, load_config, resolve_file, to_container
-from lightning_m2s.errors import ConfigError
+from lightning_m2s.config import SWEEPS_DIR, check_name, load_config, resolve_file, to_container, work_root
+from lightning_m2s.errors import ConfigError, Interrupted
+from lightning_m2s.evaluation import floors
 
-DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 TRIAL_ENV = "M2S_SWEEP_TRIAL"  # the running trial's config, for the other ranks of a multi-device trial
 SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
               "objective", "overrides", "table"}
@@ -83,6 +84,9 @@ def load_sweep(name: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: a {sampler} sweep needs `search_space`")
     if sampler not in ("grid", "tpe", "random"):
         raise ConfigError(f"{path}: sampler must be grid, tpe or random, got {sampler!r}")
+    check_name(str(raw["study"]), f"{path}: study")
+    for arm in raw.get("arms") or {}:
+        check_name(str(arm), f"{path}: arm")
     return SweepSpec(
         name=path.stem,
         study=raw["study"],
@@ -156,7 +160,8 @@ def _suggest(trial, spec: SweepSpec) -> tuple[str, list[str]]:
             overrides[key] = trial.suggest_categorical(key, dist["choices"])
         else:
             raise ConfigError(f"sweep {spec.name}: search_space.{key}.type must be float, int or categorical")
-    return f"trial{trial.number}", [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+    original = trial.system_attrs.get("failed_trial")  # a retry of a dead worker's trial resumes that trial
+    return f"trial{trial.number if original is None else original}", [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
 
 
 def _yaml_value(value: Any) -> str:
@@ -214,7 +219,8 @@ def run_sweep(
     """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}
     ({} in the extra rank processes of a multi-device trial).
 
-    Checkpoints go under `<output_root>/sweeps/<study>/<arm>-seed<k>` (default output_root: <checkout>/outputs)."""
+    Checkpoints go under `<output_root>/sweeps/<study>-<study id>/<arm>-seed<k>` (default output_root:
+    outputs/ in the working root, config.work_root)."""
     import optuna
 
     from lightning_m2s.train import train
@@ -232,7 +238,7 @@ def run_sweep(
     study_name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
     if overrides:  # other settings are another study: never mix their trials or resume their checkpoints
         study_name += "-" + hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
-    storage_url = storage or DEFAULT_STORAGE
+    storage_url = storage or f"sqlite:///{work_root() / 'optuna.db'}"
     study = optuna.create_study(
         study_name=study_name,
         storage=_storage(storage_url),
@@ -241,8 +247,12 @@ def run_sweep(
         load_if_exists=True,
     )
     study.set_user_attr("sweep", spec.name)
+    if "uid" not in study.user_attrs:  # this study's identity: another storage's study of the same name differs
+        study.set_user_attr("uid", uuid.uuid4().hex[:8])
+    study_dir = f"{study_name}-{study.user_attrs['uid']}"  # checkpoints never resume across studies
     study.set_user_attr("objective", spec.objective_metric)
 
+    outputs = Path(output_root or work_root() / "outputs")
     client = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(client, f"sweep-{spec.name}")
     parent_tags = {"m2s.study": study_name, "m2s.kind": "sweep"}
@@ -266,10 +276,11 @@ def run_sweep(
             "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
         })
         client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
+        trial_dir = outputs / "sweeps" / study_dir / key
         cfg_overrides = user_overrides + arm_overrides + [
             f"tracking.run_id={run.info.run_id}",
             f"tracking.experiment=sweep-{spec.name}",
-            f"meta.output_dir={Path(output_root or PROJECT_ROOT / 'outputs') / 'sweeps' / study_name / key}",
+            f"meta.output_dir={trial_dir}",
         ]
         if tracking_uri:
             cfg_overrides.append(f"tracking.uri={tracking_uri}")
@@ -285,6 +296,7 @@ def run_sweep(
             raise ConfigError(f"sweep {spec.name}: objective metric {spec.objective_metric!r} not among {sorted(metrics)}")
         trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
         trial.set_user_attr("run_id", run.info.run_id)
+        trial.set_user_attr("output_dir", str(trial_dir))
         return float(metrics[spec.objective_metric])
 
     if spec.sampler == "grid":
@@ -292,6 +304,8 @@ def run_sweep(
 
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial: failed (and re-queued by heartbeat)
         _requeue_failed(study)
+        for line in held_trials(study):
+            log.warning(line)
         running = _points(study, (TrialState.RUNNING,))
         n_trials = len({(a, s) for a in spec.arms for s in spec.seeds} - grid_done(study) - running)
         n_trials = n_trials if trials is None else min(trials, n_trials)
@@ -299,32 +313,128 @@ def run_sweep(
         finished = len([t for t in study.trials if t.state.is_finished()])
         budget = trials if trials is not None else (spec.trials or 10)
         n_trials = max(0, budget - finished)
+    first_new = len(study.trials)
     if n_trials > 0:
         log.info("sweep %s: %d trial(s) to run", study_name, n_trials)
-        study.optimize(objective, n_trials=n_trials, catch=(Exception,), show_progress_bar=True)
+        try:
+            study.optimize(objective, n_trials=n_trials, catch=(Exception,), show_progress_bar=True)
+        except Interrupted:  # SIGTERM / SIGINT: the trial and its run are marked failed; so is the sweep's run
+            client.set_terminated(parent_id, status="FAILED")
+            raise
+    floor_results = {}
+    if spec.sampler == "grid":  # the grid's floors on exactly its test clips (cached per evaluation setup)
+        floor_results = floors(load_config(experiment, user_overrides), outputs / "floors")
+        log_floors(client, parent_id, floor_results)
+    summary = summarize(study, spec, parent_id, client, floor_results)
+    summary["failed_now"] = [r for r in summary["trials"] if r["number"] >= first_new and r["state"] == "FAIL"]
+    if spec.sampler == "grid":  # points still running in other workers are theirs to finish, not missing
+        from optuna.trial import TrialState
+
+        settled = grid_done(study) | _points(study, (TrialState.RUNNING,))
+        summary["complete"] = all((a, s) in settled for a in spec.arms for s in spec.seeds)
+    else:
+        summary["complete"] = True
+    if spec.sampler == "grid" and summary["comparison"]["means"]:
+        tracking.log_json_artifact(client, parent_id, summary["comparison"], "comparison", "comparison.json")
     if spec.sampler != "grid" or len(grid_done(study)) == spec.grid_size:
         client.set_terminated(parent_id, status="FINISHED")
-    return summarize(study, spec, parent_id)
+    return summary
 
 
-def summarize(study, spec: SweepSpec, parent_run_id: str) -> dict[str, Any]:
-    rows = []
+def held_trials(study) -> list[str]:
+    """One line per RUNNING trial: held by a live worker's heartbeat, and when it can be retried if that
+    worker is gone (heartbeat older than the grace period)."""
+    import datetime as dt
+
+    from optuna.trial import TrialState
+    from sqlalchemy import text
+
+    storage = study._storage
+    engine, grace = getattr(storage, "engine", None), getattr(storage, "grace_period", None)
+    lines = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = None
+        if engine is not None:
+            with engine.connect() as conn:
+                beat = conn.execute(text("SELECT heartbeat FROM trial_heartbeats WHERE trial_id = :i"),
+                                    {"i": t._trial_id}).scalar()
+        where = f"trial {t.number} ({t.params.get('arm')}, seed {t.params.get('seed')})"
+        if beat is None or grace is None:
+            lines.append(f"{where} is RUNNING in another worker; it is not run here")
+            continue
+        beat = beat if isinstance(beat, dt.datetime) else dt.datetime.fromisoformat(str(beat))
+        retry = beat + dt.timedelta(seconds=grace)
+        lines.append(f"{where} is held by a live worker (last heartbeat {beat:%H:%M:%S} UTC); if that worker is "
+                     f"gone, run this sweep again after {retry:%H:%M:%S} UTC to retry it")
+    return lines
+
+
+def log_floors(client, parent_id: str, floor_results: dict[str, dict]) -> None:
+    """The floors' test metrics on the sweep's parent run: floor/<variant>/test/<dataset>/<metric>."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"floor/{variant}/{k}", v, now, 0) for variant, r in floor_results.items()
+               for k, v in r["metrics"].items() if k.startswith("test/") and v == v]
+    for i in range(0, len(metrics), 500):
+        client.log_batch(parent_id, metrics=metrics[i : i + 500])
+
+
+def _per_clip(t, client) -> list[dict]:
+    """A finished trial's per-clip test rows: from its output folder, else its MLflow run's artifact."""
+    from lightning_m2s.train import PER_CLIP_FILE, read_per_clip
+
+    folder = Path(t.user_attrs.get("output_dir", ""))
+    if (folder / PER_CLIP_FILE).is_file():
+        return read_per_clip(folder)
+    run_id = t.user_attrs.get("run_id")
+    if run_id is None:
+        return []
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, f"metrics/{PER_CLIP_FILE}", tmp)
+        except Exception:  # noqa: BLE001 - a run from before per-clip rows were logged
+            return []
+        return json.loads(Path(path).read_text())["rows"]
+
+
+def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_results: dict | None = None) -> dict[str, Any]:
+    from lightning_m2s import comparison
+
+    rows, arms = [], {}
     for t in study.get_trials(deepcopy=False):
-        rows.append({
-            "number": t.number, "arm": t.params.get("arm", f"trial{t.number}"), "seed": t.params.get("seed"),
-            "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {}),
-        })
+        row = {"number": t.number, "arm": t.params.get("arm", f"trial{t.number}"), "seed": t.params.get("seed"),
+               "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {})}
+        rows.append(row)
+        if row["state"] == "COMPLETE" and spec.sampler == "grid" and client is not None:
+            per_clip = _per_clip(t, client)
+            if per_clip:
+                arms.setdefault(row["arm"], {})[row["seed"]] = per_clip
+    ordered = {a: [arms[a][s] for s in sorted(arms[a])] for a in spec.arms if a in arms}
+    floor_rows = {k: v["per_clip"] for k, v in (floor_results or {}).items()}
+    reference = next(iter(spec.arms), None)
     return {"study": study.study_name, "objective": spec.objective_metric, "direction": spec.direction,
-            "parent_run_id": parent_run_id, "trials": rows}
+            "parent_run_id": parent_run_id, "trials": rows, "reference": reference,
+            "comparison": {
+                "datasets": comparison.datasets_of(ordered, floor_rows),
+                "means": comparison.means(ordered, floor_rows) if ordered or floor_rows else [],
+                "differences": comparison.differences(ordered, floor_rows, reference) if ordered else [],
+                "reference": reference,
+            }}
 
 
-def format_table(summary: dict[str, Any], metrics: list[str] | None = None) -> str:
-    """The completed trials as a plain-text table, one row per arm and seed."""
+def format_table(summary: dict[str, Any]) -> str:
+    """The grid's comparison (arms, floors, paired differences), or the trials' objective values."""
+    from lightning_m2s.comparison import format_comparison
+
+    c = summary.get("comparison") or {}
+    if c.get("means"):
+        return format_comparison(c["means"], c["differences"], c["datasets"])
     done = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
     if not done:
         return "no completed trials"
-    metrics = metrics or sorted({k for r in done for k in r["metrics"] if k.startswith("test/")})
-    header = ["arm", "seed"] + [m.split("/", 1)[-1] for m in metrics]
-    lines = [header] + [[r["arm"], str(r["seed"])] + [f"{r['metrics'].get(m, float('nan')):.4f}" for m in metrics] for r in done]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in lines)
+    return "\n".join(f"{r['arm']:<24} {summary['objective']} = {r['value']:.4f}" for r in done)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from lightning_m2s.config import PROJECT_ROOT, flatten
+from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
 from lightning_m2s.errors import ConfigError
 
-DEFAULT_DB = PROJECT_ROOT / "mlflow.db"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 
 
 def resolve_uri(uri: str | None) -> str:
-    """The tracking URI: the config's value, or the local sqlite store in the project folder."""
+    """The tracking URI: the config's value, or the local sqlite store `mlflow.db` in the working root."""
     if not uri:
-        return f"sqlite:///{DEFAULT_DB}"
+        return f"sqlite:///{work_root() / 'mlflow.db'}"
     if "://" not in uri:
         raise ConfigError(f"tracking.uri {uri!r} is not a URI (expected sqlite:///path.db or http://host:port)")
     return uri
@@ -106,3 +105,25 @@ def log_config(mlflow_client, run_id: str, cfg) -> None:
     params = [p for p in params if p.key not in existing]  # params are immutable: a resumed run keeps its own
     for start in range(0, len(params), 100):  # MLflow's batch limit
         mlflow_client.log_batch(run_id, params=params[start : start + 100])
+
+
+def log_json_artifact(mlflow_client, run_id: str, data: dict, artifact_dir: str, name: str) -> None:
+    """`data` as `<artifact_dir>/<name>` on the run."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(data, indent=2, default=float))
+        mlflow_client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def run_exists(mlflow_client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_run(run_id)
+        return True
+    except MlflowException:
+        return False

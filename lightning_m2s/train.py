@@ -6,7 +6,9 @@ the same MLflow run (the run id is kept beside the checkpoints).
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 import warnings
 from pathlib import Path
 
@@ -18,12 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_m2s import tracking
 from lightning_m2s.callbacks import MediaLogger
-from lightning_m2s.config import PROJECT_ROOT, to_container
+from lightning_m2s.checkpoints import AtomicCheckpointIO, LastCheckpoint, SignalLog, interrupt_signal, resumable_checkpoint
+from lightning_m2s.config import to_container, work_root
 from lightning_m2s.data.datamodule import StereoDataModule
-from lightning_m2s.errors import M2SError
+from lightning_m2s.errors import Interrupted, M2SError
+from lightning_m2s.files import write_json
 from lightning_m2s.modules import load_trained_weights, module_class, read_checkpoint
 
 log = logging.getLogger(__name__)
+PER_CLIP_FILE = "test_per_clip.json"
 # The frozen VAE and frame embedding stay in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 # Evaluation metrics are gathered over ranks by torchmetrics before they are logged.
@@ -33,20 +38,14 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 def output_dir(cfg: DictConfig) -> Path:
     if cfg.meta.output_dir:
         return Path(cfg.meta.output_dir)
-    return PROJECT_ROOT / "outputs" / cfg.meta.experiment / (cfg.meta.run_name or "default")
+    return work_root() / "outputs" / cfg.meta.experiment / (cfg.meta.run_name or "default")
 
 
 def build_module(cfg: DictConfig):
-    """The variant's LightningModule from the resolved config (with the tiny VAE stage run if needed)."""
-    model_cfg = to_container(cfg.model)
+    """The variant's LightningModule from the resolved config."""
     cls = module_class(cfg.module.variant)
-    if cls.trains and model_cfg.get("pretrained") is None and model_cfg.get("vae_path") is None and cfg.vae_stage.enabled:
-        from lightning_m2s.vae_stage import ensure_tiny_vae
-
-        model_cfg["vae_path"] = str(ensure_tiny_vae(to_container(cfg.vae_stage), model_cfg.get("vae") or None))
-        model_cfg["vae"] = None
     return cls(
-        model=model_cfg, optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
+        model=to_container(cfg.model), optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
         eval=to_container(cfg.module.eval), long_video=to_container(cfg.module.long_video),
     )
 
@@ -60,6 +59,11 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
         run_id = id_file.read_text().strip()
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    if run_id and not tracking.run_exists(client, run_id):
+        if cfg.tracking.run_id:
+            raise M2SError(f"tracking.run_id {run_id}: no such run in {uri}")
+        log.warning("%s names run %s, which %s does not have (another store?): starting a new run", id_file, run_id, uri)
+        run_id = None
     if not run_id:
         run = client.create_run(exp_id, run_name=cfg.meta.run_name or cfg.meta.experiment, tags={
             "m2s.kind": "train", "m2s.experiment": cfg.meta.experiment, "m2s.git_commit": tracking.git_commit(),
@@ -79,7 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     out = output_dir(cfg)
-    if not cfg.trainer.resume and any((out / "checkpoints").glob("*.ckpt")):
+    if not cfg.trainer.resume and any((out / "checkpoints").glob("*.ckpt*")):
         raise M2SError(f"{out / 'checkpoints'} holds checkpoints of an earlier run: set trainer.resume=true to "
                        "continue it, or choose another meta.output_dir / meta.run_name")
     out.mkdir(parents=True, exist_ok=True)
@@ -92,38 +96,57 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor=cfg.trainer.monitor,
                                  mode=cfg.trainer.monitor_mode, save_top_k=1, filename="best")
+    last = LastCheckpoint(out / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
     trainer_kwargs = to_container(cfg.trainer)
-    for key in ("monitor", "monitor_mode", "resume", "init_from"):
+    for key in ("monitor", "monitor_mode", "resume", "init_from", "checkpoint_every_n_steps"):
         trainer_kwargs.pop(key)
-    callbacks = [checkpoint, MediaLogger()] if module.trains else [MediaLogger()]
+    callbacks = [checkpoint, last, MediaLogger()] if module.trains else [MediaLogger()]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
+    if "deepspeed" not in str(cfg.trainer.strategy):  # DeepSpeed writes checkpoint folders of its own
+        trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
     trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
                         enable_checkpointing=module.trains, **trainer_kwargs)
+    signals = SignalLog()
     try:
         validation = {}
         if module.trains:
-            last = out / "checkpoints" / "last.ckpt"
-            ckpt_path = str(last) if cfg.trainer.resume and last.exists() else None
+            found = resumable_checkpoint(out / "checkpoints") if cfg.trainer.resume else None
+            ckpt_path = str(found) if found else None
             if ckpt_path:
                 log.info("resuming from %s", ckpt_path)
             elif cfg.trainer.init_from:  # fine-tuning: trained weights in, optimiser and step counter fresh
                 load_trained_weights(module.model, read_checkpoint(cfg.trainer.init_from)["state_dict"],
                                      f"trainer.init_from {cfg.trainer.init_from}")
                 logger.experiment.set_tag(logger.run_id, "m2s.init_from", str(cfg.trainer.init_from))
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            with signals:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             # The last validation's figures: what a hyperparameter search may select on (never test/).
             validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             if checkpoint.best_model_path:
                 logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
         best = "best" if module.trains and checkpoint.best_model_path else None
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    except BaseException:
+        with signals:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    except BaseException as err:
+        signum = interrupt_signal(trainer, signals, err)
         if trainer.is_global_zero:
+            if signum is not None:
+                logger.experiment.set_tag(logger.run_id, "m2s.interrupted", signal.Signals(signum).name)
             logger.experiment.set_terminated(logger.run_id, status="FAILED")
+        if signum is not None:
+            raise Interrupted(signum, last.path if last.path.is_file() else None) from err
         raise
     metrics = {**validation, **{k: float(v) for k, v in (results[0] if results else {}).items()}}
     if trainer.is_global_zero:
+        # every clip's test metrics: what paired comparisons between runs need (lightning_m2s.stats)
+        write_json(out / PER_CLIP_FILE, {"rows": module.per_clip})
+        logger.experiment.log_artifact(logger.run_id, str(out / PER_CLIP_FILE), "metrics")
         logger.experiment.set_terminated(logger.run_id, status="FINISHED")
     return metrics
+
+
+def read_per_clip(out: Path) -> list[dict]:
+    """The per-clip test rows a finished run wrote into its output folder."""
+    return json.loads((Path(out) / PER_CLIP_FILE).read_text())["rows"]
 

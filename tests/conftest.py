@@ -97,3 +97,13 @@ def store_overrides(root: Path) -> list[str]:
     """Config overrides that keep a run's tracking store and outputs inside `root`."""
     root = Path(root)
     return [f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"meta.output_dir={root / 'out'}"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _work_root(tmp_path_factory):
+    """Every test (and subprocess) writes its stores and outputs into a temporary root, never the checkout's."""
+    import os
+
+    root = tmp_path_factory.mktemp("m2s_root")
+    os.environ["M2S_ROOT"] = str(root)
+    yield root

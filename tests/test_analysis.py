@@ -208,7 +208,8 @@ def test_table4_mean_spread_and_missing(runs):
     assert t.values.loc[with_left, ("paper", "stereo4d", "full", "psnr")] == 26.2
     assert t.values.loc[(_WARP, "25", "left_cond/without_left"), ("paper", "ego4d", "full", "ms_ssim")] == 0.822
     assert t.values.loc[full, ("paper", "ego4d", "full", "lpips")] == 0.248
-    assert t.values["paper"].notna().all().all()
+    ours_only = t.values.index.get_level_values("row").str.startswith(analysis.FLOOR_PREFIX)  # the grid's floors
+    assert t.values["paper"][~ours_only].notna().all().all()
 
 
 def test_table_display_marks_missing_and_spread(runs):
@@ -390,3 +391,36 @@ def test_plot_qualitative_uses_the_artifacts(runs, store):
     assert shown[2][:, :2].all() and not shown[2][:, 2:].any()  # mask
     fig = analysis.plot_qualitative(runs, "loss", store, datasets=["synthetic"])  # no npz logged
     assert all(not ax.images for ax in fig.axes) and _texts(fig).count("missing") == len(fig.axes)
+
+
+def test_floors_and_paired_differences_join_the_tables_and_plots(tmp_path):
+    import json
+
+    from matplotlib.figure import Figure
+
+    uri = fill_store(tmp_path, scenario=[("left_cond", "with_left", 0, 1.0, 1, "FINISHED"),
+                                         ("left_cond", "without_left", 0, 0.0, 1, "FINISHED")], qualitative={})
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name("sweep-left_cond")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`m2s.kind` = 'sweep'")
+    client.log_metric(parent.info.run_id, "floor/classical_fill/test/synthetic/psnr", 28.25)
+    client.log_metric(parent.info.run_id, "floor/warp_only/test/synthetic/psnr", 25.5)
+    diff = {"label": "without_left - with_left", "arm": "without_left", "against": "with_left", "dataset": "synthetic",
+            "metric": "psnr", "mean": -0.4, "lo": -0.6, "hi": -0.2, "clips": 16, "seeds": 1, "excludes_zero": True}
+    tracking.log_json_artifact(client, parent.info.run_id, {"differences": [diff]}, "comparison", "comparison.json")
+
+    runs = analysis.load_runs(uri)
+    table = analysis.build_table(runs, "4")
+    psnr = table.values[("ours", "synthetic", "full", "psnr")]
+    assert psnr[("floor: classical fill", "—", "left_cond/floor: classical_fill")] == 28.25
+    assert psnr[("floor: warp only", "—", "left_cond/floor: warp_only")] == 25.5
+    assert not any("floor" in m for m in table.missing)
+    fig = analysis.plot_ablation(runs, "left_cond", metrics=("psnr",))
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+    assert "floor: classical_fill" in labels
+
+    diffs = analysis.load_differences(uri)
+    assert json.loads(diffs.to_json(orient="records"))[0]["mean"] == -0.4
+    shown = analysis.differences_table(diffs, "left_cond")
+    assert shown.iloc[0, 0] == "-0.40 [-0.60, -0.20] *"
+    assert isinstance(analysis.plot_differences(diffs, "left_cond"), Figure)

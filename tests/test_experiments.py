@@ -16,8 +16,8 @@ EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 SMOKE = [
     "trainer.max_steps=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
     "data.buckets=[{frames: 4, size: 32}]", "data.batch_size=1", "data.train_batches=1", "data.num_workers=0",
-    "data.eval_frames=4", "data.eval_size=32", "data.val_clips=1", "data.test_clips=1",
-    "vae_stage.enabled=false", "module.eval.preview_clips=1",
+    "data.eval_frames=4", "data.eval_size=32", "data.val_clips=1", "data.test_clips=3",
+    "module.eval.preview_clips=1",
 ]
 
 

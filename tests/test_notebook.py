@@ -63,8 +63,13 @@ def test_notebook_on_a_store_filled_by_real_tiny_sweeps(tmp_path):
     runs = analysis.load_runs(uri)
     table4 = analysis.build_table(runs, "4").values
     ours = table4[[c for c in table4.columns if c[0].startswith("ours")]]
-    assert ours.notna().any(axis=1).sum() == 2  # the with / without V_l rows are filled, nothing else invented
+    filled = ours.notna().any(axis=1)
+    floors = filled.index.get_level_values("row").str.startswith(analysis.FLOOR_PREFIX)
+    assert filled[~floors].sum() == 2  # the with / without V_l rows are filled, nothing else invented
+    assert filled[floors].sum() == 2  # and the grid's two floors, logged by its sweep
     table6 = analysis.build_table(runs, "6").values
-    assert table6[[c for c in table6.columns if c[0].startswith("ours")]].notna().any(axis=1).sum() == 3
+    filled6 = table6[[c for c in table6.columns if c[0].startswith("ours")]].notna().any(axis=1)
+    assert filled6.sum() == 3 + 2
     text = analysis.run_notebook(uri, tmp_path / "tables_4_10.html").read_text(encoding="utf-8")
     assert "Traceback" not in text and "Table 10" in text
+    assert "without_left - with_left" in text  # the grid's paired differences

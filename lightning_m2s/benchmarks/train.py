@@ -22,7 +22,7 @@ VARIANTS = ("end_to_end", "latent_only", "standard_diffusion")
 
 
 def run(quick: bool = False) -> dict:
-    cfg = load_config("tiny", ["vae_stage.enabled=false"])
+    cfg = load_config("tiny")
     data_cfg = to_container(cfg.data)
     dataset = StereoDataModule(**data_cfg).dataset("train")
     buckets = parse_buckets(data_cfg["buckets"] or StereoDataModule().buckets)

@@ -70,6 +70,9 @@ class CLIPFrameEmbedding(nn.Module):
         return emb[:, None].to(frames.dtype)  # [B*T, 1, D]
 
 
+POOLED_SUBFOLDER = "frame_embedding"  # of the shipped tiny SVD: config.json + projection.safetensors
+
+
 class PooledFrameEmbedding(nn.Module):
     """Stand-in for CLIP: fixed random projection of an area-pooled frame -> [B*T, 1, D] (unit RMS)."""
 
@@ -77,10 +80,38 @@ class PooledFrameEmbedding(nn.Module):
         super().__init__()
         if dim < 1 or pool < 1:
             raise ModelError(f"frame embedding: dim {dim} and pool {pool} must be >= 1")
-        self.pool = pool
+        self.pool, self.seed = pool, seed
         g = torch.Generator().manual_seed(seed)
         proj = torch.randn(3 * pool * pool, dim, generator=g) / (3 * pool * pool) ** 0.5
         self.register_buffer("proj", proj)  # saved with the model, never trained
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"dim": self.dim, "pool": self.pool, "seed": self.seed}, indent=2) + "\n")
+        save_file({"proj": self.proj.contiguous()}, str(folder / "projection.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "PooledFrameEmbedding":
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            proj = load_file(str(folder / "projection.safetensors"))["proj"]
+            embedding = cls(int(config["dim"]), int(config["pool"]), int(config.get("seed", 0)))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ModelError(f"{folder}: not a pooled frame embedding (config.json, projection.safetensors): {err}") from err
+        if proj.shape != embedding.proj.shape:
+            raise ModelError(f"{folder}: projection {tuple(proj.shape)} does not fit config {config}")
+        embedding.proj.copy_(proj)
+        return embedding
 
     @property
     def dim(self) -> int:

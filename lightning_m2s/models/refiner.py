@@ -23,14 +23,15 @@ from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.geometry import dilate_mask
 from lightning_m2s.models import unet as unet_lib
 from lightning_m2s.models.attention import KV_SOURCES, POLICIES, install_attention_processors
-from lightning_m2s.models.embedding import CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
+from lightning_m2s.models.embedded import resolve_pretrained
+from lightning_m2s.models.embedding import POOLED_SUBFOLDER, CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
 from lightning_m2s.models.pretrained import check_svd_directory
 from lightning_m2s.models.vae import FrozenVideoVAE
 from lightning_m2s.objective import SIGMA_MAX, SIGMA_MIN, Denoiser
 
 # The `model:` config section: every key, its default, and why.
 REFINER_DEFAULTS = dict(
-    pretrained=None,  # local SVD dir in diffusers format (img2vid-xt); None = tiny embedded default
+    pretrained=None,  # "embedded" (the shipped tiny SVD) or a local SVD dir in diffusers format (img2vid-xt); None = random tiny
     variant=None,  # weight-file variant of the pretrained dir, e.g. "fp16"
     unet=None,  # dict overriding TINY_UNET_CONFIG (tiny default only)
     vae=None,  # dict overriding TINY_VAE_CONFIG (tiny default only)
@@ -263,7 +264,11 @@ def build_refiner(**kwargs) -> StereoRefiner:
         raise ConfigError(f"model: unknown key(s) {unknown}; known keys: {sorted(REFINER_DEFAULTS)}")
     cfg = {**REFINER_DEFAULTS, **kwargs}
     pretrained = cfg["pretrained"]
-    embedding_kind = cfg["embedding"] or ("clip" if pretrained else "pooled")
+    if pretrained is not None:  # "embedded": the shipped tiny SVD, hash-checked; else a local directory
+        pretrained = resolve_pretrained(pretrained)
+    pooled_dir = pretrained / POOLED_SUBFOLDER if pretrained is not None else None
+    has_pooled = pooled_dir is not None and pooled_dir.is_dir()
+    embedding_kind = cfg["embedding"] or ("clip" if pretrained is not None and not has_pooled else "pooled")
     if embedding_kind not in ("clip", "pooled"):
         raise ConfigError(f"model.embedding {embedding_kind!r}: choose from ['clip', 'pooled']")
     vae_kwargs = dict(encode_chunk_size=cfg["encode_chunk_size"], decode_chunk_size=cfg["decode_chunk_size"])
@@ -275,7 +280,7 @@ def build_refiner(**kwargs) -> StereoRefiner:
         components = ["unet"] + ([] if cfg["vae_path"] else ["vae"])
         components += ["image_encoder", "feature_extractor"] if embedding_kind == "clip" else []
         check_svd_directory(pretrained, components=tuple(components))
-        unet = unet_lib.load_unet(pretrained, variant=cfg["variant"])
+        unet = unet_lib.load_unet(pretrained, variant=cfg["variant"], torch_dtype=torch.float32)
     else:
         if embedding_kind == "clip":
             raise ConfigError("model.embedding 'clip' needs model.pretrained (an SVD directory with image_encoder/)")
@@ -292,6 +297,8 @@ def build_refiner(**kwargs) -> StereoRefiner:
     # 3. Frame embedding
     if embedding_kind == "clip":
         embedding = CLIPFrameEmbedding.from_pretrained(pretrained, variant=cfg["variant"])
+    elif has_pooled:
+        embedding = PooledFrameEmbedding.from_pretrained(pooled_dir)
     else:
         embedding = PooledFrameEmbedding(dim=unet.config.cross_attention_dim, seed=cfg["seed"])
 

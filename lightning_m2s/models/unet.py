@@ -22,21 +22,24 @@ from lightning_m2s.models.pretrained import check_svd_directory
 SVD_IN_CHANNELS = 8  # 4 noisy latent + 4 image latent
 LATENT_CHANNELS = 4
 
-# The embedded default: SVD's architecture at tiny width (ENVIRONMENT.md's tiny UNet, about 1.3 M
-# params). in_channels is SVD's 8 here: widening to 13 / 9 is the same step as for img2vid-xt.
+# The embedded default's architecture (its weights: pretrain.prior, shipped in weights/): SVD's UNet at
+# tiny width, 7.9 M parameters. Three levels over the 2x VAE's latents, with attention (and so the
+# disocclusion full attention) on the two coarser ones only: a 32x32 latent grid per 64 px frame would
+# make full-resolution attention the whole cost on a CPU. in_channels is SVD's 8: widening to 13 / 9 is
+# the same step as for img2vid-xt.
 TINY_UNET_CONFIG = dict(
-    sample_size=16,  # latent side of the 128^2 bucket; metadata only
+    sample_size=32,  # latent side of the 64 px evaluation clips; metadata only
     in_channels=SVD_IN_CHANNELS,
     out_channels=LATENT_CHANNELS,
-    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-    block_out_channels=(32, 64),
+    down_block_types=("DownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+    up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"),
+    block_out_channels=(32, 64, 128),
     addition_time_embed_dim=32,  # 3 x 32 = projection_class_embeddings_input_dim
     projection_class_embeddings_input_dim=96,
     layers_per_block=1,
     cross_attention_dim=64,  # the frame-embedding width
     transformer_layers_per_block=1,
-    num_attention_heads=(2, 4),
+    num_attention_heads=(1, 2, 4),  # 32 channels per head
     num_frames=25,  # the longest bucket; metadata only
 )
 

@@ -36,6 +36,11 @@ def dataset_name(meta: dict) -> str:
     return DATASET_NAMES.get(meta.get("source", "unknown"), meta.get("source", "unknown"))
 
 
+def clip_id(meta: dict) -> str:
+    """A test clip's identity, the key that pairs clips across runs: video and first frame."""
+    return f"{meta.get('video')}@{meta.get('start_frame')}"
+
+
 def replace_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoClip:
     """Long-video conditioning (App. E): frames where `known` [B, T] is True get the ground-truth right
     frame as their warped input and an empty mask, as generated frames do at long-video inference."""
@@ -75,6 +80,8 @@ class StereoModule(L.LightningModule):
         self.metrics: dict[str, StereoMetrics] = {}  # '<stage>/<dataset>' -> metric, made on first use
         self.latencies: list[float] = []
         self.previews: list[dict[str, Any]] = []  # first clips per dataset of the last evaluation (media callback)
+        self.clip_ids: dict[str, list[str]] = {}  # '<stage>/<dataset>' -> clip ids in metric-update order
+        self.per_clip: list[dict[str, Any]] = []  # the last test pass: one row per clip (dataset, clip, metrics)
 
     # --- what a variant defines ----------------------------------------------------------------
     def compute_loss(self, batch: StereoClip) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -92,14 +99,17 @@ class StereoModule(L.LightningModule):
         return self.model.sample(cond, steps, noise=noise)
 
     # --- shared pieces ------------------------------------------------------------------------
-    def conditioning(self, batch: StereoClip, eval_mode: bool = False):
+    def conditioning(self, batch: StereoClip, eval_mode: bool = False, generator: torch.Generator | None = None):
         fps = torch.tensor([m.get("fps", 5.0) for m in batch.meta], device=self.device)
         cond_aug = self.model.cond_aug_eval if eval_mode else None
-        return self.model.build_conditioning(batch.left, batch.warped, batch.mask, fps_id=fps, cond_aug=cond_aug)
+        return self.model.build_conditioning(batch.left, batch.warped, batch.mask, fps_id=fps, cond_aug=cond_aug,
+                                             generator=generator)
 
     def predict_video(self, batch: StereoClip, seed: int = 0) -> torch.Tensor:
-        """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch."""
-        cond = self.conditioning(batch, eval_mode=True)
+        """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch. Its noise (the condition
+        augmentation, multi-step sampling) comes from `seed` alone, never the global RNG: the same
+        weights score the same before and after a resume."""
+        cond = self.conditioning(batch, eval_mode=True, generator=torch.Generator().manual_seed(seed))
         return self.model.decode(self.predict_latent(cond, seed)).clamp(-1, 1)
 
     def _long_video_augment(self, batch: StereoClip) -> StereoClip:
@@ -160,6 +170,7 @@ class StereoModule(L.LightningModule):
                 continue
             dataset = dataset_name(meta)
             self._metric(stage, dataset).update(pred[i : i + 1], batch.right[i : i + 1], batch.mask[i : i + 1])
+            self.clip_ids.setdefault(f"{stage}/{dataset}", []).append(clip_id(meta))
             if sum(p["dataset"] == dataset for p in self.previews) < self.eval_cfg["preview_clips"]:
                 self.previews.append({
                     "dataset": dataset, "left": batch.left[i].cpu(), "warped": batch.warped[i].cpu(),
@@ -168,6 +179,7 @@ class StereoModule(L.LightningModule):
 
     def _start_evaluation(self, stage: str) -> None:
         self.metrics.clear()
+        self.clip_ids.clear()
         for name in self._dataset_names(stage):
             self._metric(stage, name)
         self.latencies.clear()
@@ -182,10 +194,26 @@ class StereoModule(L.LightningModule):
             if values["n_videos"] == 0:
                 continue
             logs.update({f"{key}/{name}": float(v) for name, v in values.items() if not name.startswith("n_videos")})
+        if stage == "test":
+            self.per_clip = self._per_clip_rows()
         logs[f"{stage}/steps"] = float(self.eval_cfg["steps"]) if self.trains else 0.0
         self.log_dict(logs)  # already reduced over ranks by the metrics; every rank logs the same values
         if self.latencies:
             self.log(f"{stage}/latency_s", sum(self.latencies) / len(self.latencies), sync_dist=True)
+
+    def _per_clip_rows(self) -> list[dict[str, Any]]:
+        """One row per scored test clip: {dataset, clip, <metric>: value}, gathered over DDP ranks, sorted."""
+        rows = []
+        for key, metric in sorted(self.metrics.items()):
+            values = metric.per_video()  # this rank's videos, in update order
+            dataset = key.split("/", 1)[1]
+            for j, cid in enumerate(self.clip_ids.get(key, [])):
+                rows.append({"dataset": dataset, "clip": cid, **{name: v[j] for name, v in values.items()}})
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        return sorted(rows, key=lambda r: (r["dataset"], r["clip"]))
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation("val")

@@ -1,0 +1,108 @@
+"""A grid's comparison: arms and floors side by side, and paired differences with bootstrap intervals.
+
+Used by the sweep's printed table, the parent run's logged table and the notebook, so all three show
+the same numbers. Inputs are per-clip test rows (`train.read_per_clip`): for each arm one list of rows
+per seed, for each floor one list.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lightning_m2s.stats import paired_difference, per_clip_matrix
+
+TABLE_METRICS = ("psnr", "lpips", "psnr_inside", "lpips_inside")  # per test set in the printed table
+DIFF_METRICS = ("psnr", "lpips", "psnr_inside")  # differences with intervals in the printed table
+FLOOR_REFERENCE = "classical_fill"  # the floor every arm is compared with
+LABELS = {"psnr": "PSNR", "lpips": "LPIPS", "psnr_inside": "PSNR-in", "lpips_inside": "LPIPS-in"}
+
+
+def datasets_of(arms: dict[str, list[list[dict]]], floors: dict[str, list[dict]]) -> list[str]:
+    names = {r["dataset"] for runs in arms.values() for rows in runs for r in rows}
+    names |= {r["dataset"] for rows in floors.values() for r in rows}
+    return sorted(names, key=lambda n: (n != "synthetic", n))
+
+
+def means(arms: dict[str, list[list[dict]]], floors: dict[str, list[dict]], metrics=TABLE_METRICS) -> list[dict]:
+    """One row per arm and floor: {name, kind, seeds, <dataset>/<metric>: mean over clips and seeds, <dataset>/clips}."""
+    out = []
+    entries = [(name, "arm", runs) for name, runs in arms.items()] + [(name, "floor", [rows]) for name, rows in floors.items()]
+    for name, kind, runs in entries:
+        row = {"name": name, "kind": kind, "seeds": len(runs)}
+        for ds in datasets_of(arms, floors):
+            for m in metrics:
+                values, clips = per_clip_matrix(runs, ds, m)
+                row[f"{ds}/{m}"] = float(np.nanmean(values)) if values.size and np.isfinite(values).any() else math.nan
+                row[f"{ds}/clips"] = len(clips)
+        out.append(row)
+    return out
+
+
+def differences(arms: dict[str, list[list[dict]]], floors: dict[str, list[dict]], reference: str,
+                metrics=DIFF_METRICS) -> list[dict]:
+    """Paired differences: every other arm minus the reference arm, and every arm minus classical fill,
+    per test set and metric: {label, arm, against, dataset, metric, mean, lo, hi, clips, seeds, excludes_zero}."""
+    pairs = [(a, reference) for a in arms if a != reference and reference in arms]
+    if FLOOR_REFERENCE in floors:
+        pairs += [(a, FLOOR_REFERENCE) for a in arms]
+    out = []
+    for arm, against in pairs:
+        for ds in datasets_of(arms, floors):
+            for m in metrics:
+                base_runs = arms[against] if against in arms else [floors[against]]
+                a, clips_a = per_clip_matrix(arms[arm], ds, m)
+                b, clips_b = per_clip_matrix(base_runs, ds, m)
+                common = sorted(set(clips_a) & set(clips_b))
+                if not common:
+                    continue
+                a = a[:, [clips_a.index(c) for c in common]]
+                b = b[:, [clips_b.index(c) for c in common]]
+                if b.shape[0] not in (1, a.shape[0]):  # seeds pair only when both have them all
+                    b = b.mean(axis=0, keepdims=True)
+                d = paired_difference(a, b)
+                out.append({"label": f"{arm} - {against}", "arm": arm, "against": against, "dataset": ds, "metric": m,
+                            "mean": d.mean, "lo": d.lo, "hi": d.hi, "clips": d.clips, "seeds": d.seeds,
+                            "excludes_zero": d.excludes_zero})
+    return out
+
+
+def _num(v: float, digits: int) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _interval(d: dict) -> str:
+    digits = 3 if d["metric"].startswith(("lpips", "ms_ssim")) else 2
+    star = "*" if d["excludes_zero"] else " "
+    return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f},{d['hi']:+.{digits}f}]{star}"
+
+
+def format_comparison(mean_rows: list[dict], diff_rows: list[dict], datasets: list[str]) -> str:
+    """The printed table (at most 120 columns for two test sets): means per arm and floor, then the
+    paired differences with their intervals."""
+    name_w = max([len(r["name"]) + (7 if r["kind"] == "floor" else 0) for r in mean_rows] + [10])
+    cell = 9
+    block = len(TABLE_METRICS) * cell
+    lines = [" " * name_w + "".join(f"  {ds} ({mean_rows[0].get(f'{ds}/clips', 0)} clips)".ljust(block + 2) for ds in datasets),
+             "arm".ljust(name_w) + "".join("  " + "".join(LABELS[m].rjust(cell) for m in TABLE_METRICS) for _ in datasets)]
+    for r in mean_rows:
+        name = f"floor: {r['name']}" if r["kind"] == "floor" else r["name"]
+        cells = "".join("  " + "".join(_num(r.get(f"{ds}/{m}"), 3 if m.startswith("lpips") else 2).rjust(cell)
+                                       for m in TABLE_METRICS) for ds in datasets)
+        lines.append(name.ljust(name_w) + cells)
+    if diff_rows:
+        seeds = max(d["seeds"] for d in diff_rows)
+        lines += ["", f"paired differences: mean [95% bootstrap interval over clips{' and seeds' if seeds > 1 else ''}; "
+                      f"{seeds} seed{'s' if seeds > 1 else ''}], * = interval excludes 0"]
+        labels = list(dict.fromkeys(d["label"] for d in diff_rows))
+        cells = {(d["label"], d["dataset"], d["metric"]): _interval(d) for d in diff_rows}
+        widths = {m: 2 + max([len("Δ" + LABELS[m])] + [len(c) for k, c in cells.items() if k[2] == m]) for m in DIFF_METRICS}
+        lines.append("  " + "set".ljust(10) + "".join(("Δ" + LABELS[m]).rjust(widths[m]) for m in DIFF_METRICS))
+        for label in labels:  # the comparison on its own line: arm names of any length fit
+            lines.append(label)
+            for ds in datasets:
+                if any((label, ds, m) in cells for m in DIFF_METRICS):
+                    lines.append("  " + ds.ljust(10) + "".join(cells.get((label, ds, m), "—").rjust(widths[m])
+                                                           for m in DIFF_METRICS))
+    return "\n".join(lines)
