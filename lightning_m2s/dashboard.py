@@ -72,15 +72,39 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         pass
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A clear error when something already listens there (else a second dashboard would show the
+    other server's pages, or MLflow would fail after start-up)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is not busy
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise M2SError(f"port {port} on {host} is busy ({err.strerror}): stop what runs there, or choose "
+                           f"another with --port") from err
+
+
 def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> None:
-    """Run the dashboard until Ctrl-C."""
+    """Run the dashboard until Ctrl-C or SIGTERM; either way the server's whole process group stops."""
+    check_port_free(host, port)
     proc = start_server(uri, host, port)
     url = f"http://{host}:{port}"
+    stopped = [signal.SIGINT]  # KeyboardInterrupt without a SIGTERM first: Ctrl-C
+
+    def on_sigterm(signum, frame):
+        stopped.insert(0, signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         wait_ready(proc, url)
         print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
         proc.wait()
+        stopped.clear()  # the server ended by itself
     except KeyboardInterrupt:
         pass
     finally:
         stop_server(proc)
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        raise SystemExit(128 + stopped[0])

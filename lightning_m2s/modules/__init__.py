@@ -36,10 +36,11 @@ def read_checkpoint(checkpoint: str, map_location: str = "cpu") -> dict:
         )
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:  # weights_only: tensors and builtin containers only, so a crafted checkpoint never runs code
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
-        raise ModelError(f"checkpoint {path} cannot be read: {err}") from err
+        raise ModelError(f"checkpoint {path} cannot be read as a weights-only checkpoint (it is corrupt, or it "
+                         f"holds objects other than tensors and containers, which are never unpickled): {err}") from err
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hparams or "model" not in hparams or "state_dict" not in ckpt:
         raise ModelError(f"{path} is not a lightning_m2s training checkpoint (no model hyper-parameters)")

@@ -18,7 +18,6 @@ hole), made at native resolution; they are cropped and resized with the views, a
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from lightning_m2s.data.sources.base import (
 )
 from lightning_m2s.data.video_io import VideoInfo, read_frames, video_info
 from lightning_m2s.errors import ConfigError, DataError
+from lightning_m2s.safe_pickle import load_data_pickle
 
 FLOW_SIGNS = ("negate", "keep", "auto")
 
@@ -104,11 +104,7 @@ class Stereo4DSource(StereoSource):
             return read_frames(left_path, frame_indices), read_frames(right_path, frame_indices), None
         if not flow_path.is_file():
             raise DataError(f"stereo flow file not found: {flow_path}")
-        try:
-            with open(flow_path, "rb") as f:
-                flows = pickle.load(f)
-        except Exception as e:
-            raise DataError(f"cannot read stereo flow file {flow_path}: {e}") from e
+        flows = load_data_pickle(flow_path)  # numpy arrays and containers only: never runs code
         n = self.info(i).num_frames
         if len(flows) != n:
             raise DataError(f"{flow_path}: {len(flows)} flow frames but the video has {n}")

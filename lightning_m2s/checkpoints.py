@@ -1,0 +1,105 @@
+"""Checkpoints that survive faults: atomic writes, a periodic and an on-interrupt last.ckpt, corrupt-file recovery.
+
+- `AtomicCheckpointIO`: every checkpoint is written under a temporary name and renamed into place, so a
+  kill while writing leaves the previous file, never half of one.
+- `LastCheckpoint`: writes `last.ckpt` every `every_n_steps` optimiser steps and when SIGTERM (a
+  cluster's preemption) or SIGINT (Ctrl-C) stops training; Lightning stops after the current step.
+- `resumable_checkpoint`: the newest checkpoint that loads (weights only); an unreadable one is moved
+  aside to `<name>.corrupt` with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_m2s.files import temporary
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with temporary(Path(path)) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class LastCheckpoint(L.Callback):
+    """`last.ckpt` every `every_n_steps` steps (0: never) and on SIGTERM / SIGINT during fit."""
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = Path(path), int(every_n_steps)
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimiser steps: with gradient accumulation several batches share one
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_step = step
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+
+
+def _loads(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:  # noqa: BLE001 - truncated, empty, not a checkpoint
+        return False
+
+
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The newest of `folder`'s last.ckpt / best.ckpt that loads; unreadable ones become `*.corrupt`."""
+    found = sorted((p for p in (folder / "last.ckpt", folder / "best.ckpt") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in found:
+        if _loads(path):
+            return path
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        log.warning("%s is corrupt (truncated or not a checkpoint): moved to %s", path, aside)
+    if found:
+        log.warning("no readable checkpoint left in %s: training starts from the beginning", folder)
+    return None
+
+
+class SignalLog:
+    """Remembers whether SIGINT arrived (Lightning turns Ctrl-C into exit(1), which hides it) while
+    keeping its behaviour (KeyboardInterrupt); SIGTERM is Lightning's own (trainer.received_sigterm)."""
+
+    def __init__(self):
+        self.sigint = False
+        self._previous = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        self.sigint = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def interrupt_signal(trainer: L.Trainer, signals: SignalLog, exception: BaseException) -> int | None:
+    """The signal that stopped this run, or None when the exception was something else."""
+    if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
+        return signal.SIGTERM
+    if signals.sigint or isinstance(exception, KeyboardInterrupt):
+        return signal.SIGINT
+    return None
+
