@@ -349,7 +349,7 @@ def held_trials(study) -> list[str]:
     from optuna.trial import TrialState
     from sqlalchemy import text
 
-    storage = study._storage
+    storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage behind Optuna's cache
     engine, grace = getattr(storage, "engine", None), getattr(storage, "grace_period", None)
     lines = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

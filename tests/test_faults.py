@@ -172,3 +172,68 @@ def test_sigterm_to_convert_leaves_no_partial_file(tmp_path, convert_inputs):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143
     assert not any(tmp_path.glob(".out.*")) and not out.exists()
+
+
+def test_arm_and_study_names_cannot_leave_the_outputs_folder(tmp_path):
+    from lightning_m2s.sweep import load_sweep
+
+    for bad in ({"study": "../x", "arms": {"a": {}}}, {"study": "s", "arms": {"a/b": {}}}):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**bad, "objective": {"metric": "m", "direction": "minimize"}}))
+        with pytest.raises(ConfigError, match="names a folder"):
+            load_sweep(tmp_path / "bad.yaml")
+
+
+def test_make_sweep_passes_args_trials_and_experiment_in_an_order_argparse_takes():
+    from lightning_m2s.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    line = subprocess.run(["make", "-s", "-n", "-C", str(repo), "sweep", "ABLATION=left_cond", "EXP=debug", "TRIALS=2",
+                           "ARGS=trainer.max_steps=3 optim.lr=1e-3"], capture_output=True, text=True, check=True)
+    command = next(c for c in line.stdout.splitlines() if "m2s sweep" in c).split()
+    args = build_parser().parse_args(command[command.index("sweep"):])
+    assert (args.ablation, args.experiment, args.trials) == ("left_cond", "debug", 2)
+    assert args.overrides == ["trainer.max_steps=3", "optim.lr=1e-3"]
+
+
+def test_another_storage_never_resumes_this_studys_checkpoints(tmp_path):
+    from lightning_m2s.sweep import run_sweep
+
+    grid = {"study": "same_name", "experiment": "debug", "arms": {"w": {"module.variant": "warp_only"}},
+            "overrides": {"trainer.enable_progress_bar": False},
+            "objective": {"metric": "test/synthetic/psnr", "direction": "maximize"}}
+    (tmp_path / "same_name.yaml").write_text(yaml.safe_dump(grid))
+    folders = []
+    for store in ("a", "b"):
+        summary = run_sweep(tmp_path / "same_name.yaml", storage=f"sqlite:///{tmp_path / store}.db",
+                            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_root=tmp_path)
+        folders.append({p.name for p in (tmp_path / "sweeps").iterdir()})
+        assert summary["complete"]
+    assert len(folders[1]) == 2 and folders[0] < folders[1]  # a second study folder, keyed by study identity
+
+
+def test_evaluation_noise_comes_from_the_clip_seed_not_the_global_rng():
+    from lightning_m2s.data.clip import collate_clips
+    from lightning_m2s.data.datamodule import StereoDataModule
+    from lightning_m2s.modules.end_to_end import EndToEndModule
+
+    module = EndToEndModule(model={"pretrained": None}, loss={"lpips_weight": 0.0}).eval()
+    batch = collate_clips([StereoDataModule(eval_frames=4, eval_size=32, test_clips=1).dataset("test")[0]])
+    with torch.no_grad():
+        first = module.predict_video(batch, seed=3)
+        torch.randn(1000)  # what training or another clip would do to the global RNG
+        again = module.predict_video(batch, seed=3)
+    assert torch.equal(first, again)
+
+
+def test_a_rerun_names_the_trials_a_live_worker_holds_and_when_they_can_be_retried(tmp_path):
+    import optuna
+
+    from lightning_m2s.sweep import _storage, held_trials
+
+    storage = _storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(study_name="held", storage=storage)
+    trial = study.ask({"arm": optuna.distributions.CategoricalDistribution(["with_left"]),
+                       "seed": optuna.distributions.CategoricalDistribution([0])})
+    storage.record_heartbeat(trial._trial_id)  # what a live worker's heartbeat thread writes
+    (line,) = held_trials(study)
+    assert "trial 0 (with_left, seed 0) is held by a live worker" in line and "run this sweep again after" in line
