@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lightning_m2s.errors import ConfigError, ModelError
@@ -78,10 +77,6 @@ def load_checkpoint(path: Path, settings: dict) -> dict | None:
     if state.get("settings") != json.loads(json.dumps(settings)):
         raise ModelError(f"{path} was written with other settings; remove it (or use another --out) to start over")
     return state
-
-
-def numpy_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool = True):
