@@ -7,14 +7,17 @@ The notebook `notebooks/tables_4_10.ipynb` only calls this module. Data flow:
     plot_* (runs, ...) -> matplotlib Figures
 
 What the sweeps log (one MLflow experiment `sweep-<ablation>`, one child run per trial tagged
-m2s.kind=trial, m2s.arm, m2s.seed, ...): final metrics `test/<dataset>/<metric>[_inside|_outside]`,
-`test/latency_s`, `test/steps`, and the artifact `qualitative/<dataset>_clip0.npz`.
+m2s.kind=trial, m2s.arm, m2s.seed, and the metric settings m2s.metrics.*): final metrics
+`test/<dataset>/<metric>[_inside|_outside]`, `test/latency_s`, `test/steps`, and for a model tested at
+several step counts also `test/<dataset>/steps<N>/<metric>` and `test/steps<N>/latency_s` for each N
+(the plain names then repeat the first count), and the artifact `qualitative/<dataset>_clip0.npz`.
 A table cell with no finished run is NaN (shown as "—"); nothing is filled in.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,41 +31,61 @@ from lightning_m2s.errors import M2SError
 from lightning_m2s.evaluation import FLOORS
 
 NOTEBOOK = PROJECT_ROOT / "notebooks" / "tables_4_10.ipynb"
-ABLATIONS = ("left_cond", "full_attention", "loss", "inference_steps", "runtime", "baselines", "hparams")
+ABLATIONS = ("left_cond", "left_cond_diffusion", "full_attention", "loss", "inference_steps", "runtime", "baselines",
+             "hparams")
 # The arms each grid sweep has, in the order plots show them (arms found beyond these are appended).
 ARMS = {
     "left_cond": ("without_left", "with_left"),
+    "left_cond_diffusion": ("without_left", "with_left"),
     "full_attention": ("without_full_attention", "with_full_attention"),
-    "loss": ("A_standard_25", "B_standard_1", "C_latent", "D_end_to_end"),
-    "inference_steps": ("standard_1", "standard_5", "standard_25", "end_to_end_1", "end_to_end_5", "end_to_end_25"),
+    "loss": ("A_B_standard", "C_latent", "D_end_to_end"),
+    "inference_steps": ("standard", "end_to_end"),
     "runtime": ("without_full_attention", "with_full_attention"),
     "baselines": ("warp_only", "classical_fill", "m2svid"),
 }
 DATASET_ORDER = ("synthetic", "real", "stereo4d", "ego4d")
 REGIONS = ("full", "inside", "outside")
 QUALITY = ("psnr", "ms_ssim", "lpips")
+STEPS_MARK = " @ "  # arm of a model tested at several step counts, per count: "<arm> @ <steps>"
+OTHER_SETTINGS = "≠ paper"  # the display column of rows measured otherwise than the paper
 NO_DATASET = "all"  # dataset of metrics that are per clip, not per evaluation set (latency, steps)
 DIGITS = {"psnr": 2, "ms_ssim": 3, "lpips": 3, "latency_s": 3, "temporal_error": 4}
 FLOOR_PREFIX = "floor: "  # the arm name of a grid's training-free floors in the tidy frame
-TIDY_COLUMNS = ["experiment", "ablation", "arm", "seed", "dataset", "region", "metric", "value", "run_id", "study"]
+SETTINGS = tuple(paper_results.METRIC_SETTINGS)  # lpips_net, ms_ssim, eval_size: tags m2s.metrics.<name>
+TIDY_COLUMNS = ["experiment", "ablation", "arm", "seed", "dataset", "region", "metric", "value", "run_id", "study",
+                "steps", *SETTINGS]
 
 
 # ---------------------------------------------------------------- loading
 
 
-def parse_metric(key: str) -> tuple[str, str, str] | None:
-    """'test/real/psnr_inside' -> ('real', 'inside', 'psnr'); 'test/latency_s' -> ('all', 'full', 'latency_s');
-    None for anything that is not a final test metric (train curves, validation)."""
+def parse_metric(key: str) -> tuple[str, str, str, int | None] | None:
+    """'test/real/psnr_inside' -> ('real', 'inside', 'psnr', None); 'test/latency_s' -> ('all', 'full',
+    'latency_s', None); 'test/real/steps5/lpips' -> ('real', 'full', 'lpips', 5) and 'test/steps5/latency_s'
+    -> ('all', 'full', 'latency_s', 5) (a model tested at several step counts); None for anything that is
+    not a final test metric (train curves, validation)."""
     parts = key.split("/")
-    if parts[0] != "test" or len(parts) not in (2, 3):
+    if parts[0] != "test":
+        return None
+    steps = None
+    counts = [p for p in parts[1:-1] if re.fullmatch(r"steps\d+", p)]
+    if counts:
+        steps = int(counts[0][len("steps"):])
+        parts = [p for p in parts if p != counts[0]]
+    if len(parts) not in (2, 3):
         return None
     if len(parts) == 2:
-        return NO_DATASET, "full", parts[1]
+        return NO_DATASET, "full", parts[1], steps
     dataset, name = parts[1], parts[2]
     for region in ("inside", "outside"):
         if name.endswith("_" + region):
-            return dataset, region, name[: -len(region) - 1]
-    return dataset, "full", name
+            return dataset, region, name[: -len(region) - 1], steps
+    return dataset, "full", name, steps
+
+
+def run_settings(tags: dict) -> dict[str, str | None]:
+    """The metric settings a run was tagged with (None where an older run has no tag)."""
+    return {name: tags.get(f"m2s.metrics.{name}") for name in SETTINGS}
 
 
 def _trial_runs(client, ablations) -> list:
@@ -128,14 +151,19 @@ def load_runs(tracking_uri: str | None = None, ablations=ABLATIONS, include_floo
     rows = []
     for run in newest.values():
         tags = run.data.tags
-        for key, value in run.data.metrics.items():
-            parsed = parse_metric(key)
-            if parsed is None:
+        parsed_keys = {key: parse_metric(key) for key in run.data.metrics}
+        # Tested at several step counts: every count has its steps<N> names; the plain ones repeat the first
+        several = any(p is not None and p[3] is not None for p in parsed_keys.values())
+        for key, parsed in parsed_keys.items():
+            if parsed is None or (several and parsed[3] is None and parsed[2] != "steps"):
                 continue
+            steps = parsed[3] if parsed[3] is not None else run.data.metrics.get("test/steps")
             rows.append({"experiment": tags.get("m2s.experiment"), "ablation": tags.get("m2s.ablation"),
                          "arm": tags.get("m2s.arm"), "seed": _seed(tags.get("m2s.seed")),
-                         "dataset": parsed[0], "region": parsed[1], "metric": parsed[2], "value": float(value),
-                         "run_id": run.info.run_id, "study": tags.get("m2s.study")})
+                         "dataset": parsed[0], "region": parsed[1], "metric": parsed[2],
+                         "value": float(run.data.metrics[key]), "run_id": run.info.run_id,
+                         "study": tags.get("m2s.study"), "steps": np.nan if steps is None else float(steps),
+                         **run_settings(tags)})
     runs = pd.DataFrame(rows, columns=TIDY_COLUMNS)
     return pd.concat([runs, load_floors(tracking_uri, ablations)], ignore_index=True) if include_floors else runs
 
@@ -170,7 +198,7 @@ def load_floors(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.Data
             rows.append({"experiment": tags.get("m2s.experiment"), "ablation": tags.get("m2s.ablation"),
                          "arm": f"{FLOOR_PREFIX}{variant}", "seed": 0, "dataset": parsed[0], "region": parsed[1],
                          "metric": parsed[2], "value": float(value), "run_id": run.info.run_id,
-                         "study": tags.get("m2s.study")})
+                         "study": tags.get("m2s.study"), "steps": np.nan, **run_settings(tags)})
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
@@ -236,12 +264,14 @@ def plot_differences(diffs: pd.DataFrame, ablation: str, metrics=("psnr", "lpips
 
 
 def run_table(runs: pd.DataFrame, ablation: str) -> pd.DataFrame:
-    """One row per finished run of an ablation (arm, seed), one column per test metric: the raw numbers."""
+    """One row per finished run of an ablation and step count (arm, seed, steps), one column per test
+    metric: the raw numbers."""
     sub = runs[runs.ablation == ablation]
     if sub.empty:
         return pd.DataFrame()
-    sub = sub.assign(key=sub.dataset + "/" + sub.metric + np.where(sub.region == "full", "", "_" + sub.region))
-    return sub.pivot_table(index=["experiment", "arm", "seed"], columns="key", values="value", aggfunc="first")
+    sub = sub.assign(key=sub.dataset + "/" + sub.metric + np.where(sub.region == "full", "", "_" + sub.region),
+                     steps=sub.steps.fillna(0).astype(int))  # floors: no steps
+    return sub.pivot_table(index=["experiment", "arm", "seed", "steps"], columns="key", values="value", aggfunc="first")
 
 
 # ---------------------------------------------------------------- tables
@@ -256,7 +286,7 @@ class Row:
     ablation: str | None = None  # None: the paper has this row, we have no runs for it
     arm: str | None = None
     paper: str | None = None  # row key in paper_results; None: a row of ours only
-    match_steps: bool = False  # the arm alone does not fix the steps: keep runs whose test/steps equals `steps`
+    match_steps: bool = False  # the arm alone does not fix the steps: keep its numbers at `steps` steps
 
     @property
     def source(self) -> str:
@@ -271,21 +301,23 @@ class TableSpec:
     rows: tuple[Row, ...]
     regions: tuple[str, ...] = ("full",)
     metrics: tuple[str, ...] = QUALITY
+    floors_from: str | None = None  # the grid whose floors the table shows; None: its first row's
 
 
 _WARP, _LEFT = "Cond. with V_r^warp + M_r^occ", "Cond. with V_r^warp + M_r^occ + V_l"
 _COND_ROWS = (
-    Row(_WARP, "25", "left_cond", "without_left", "warp+mask", match_steps=True),
-    Row(_LEFT, "25", "left_cond", "with_left", "warp+mask+left", match_steps=True),
+    # The 25-step rows are standard diffusion models (their own grid); the 1-step rows end-to-end ones.
+    Row(_WARP, "25", "left_cond_diffusion", "without_left", "warp+mask", match_steps=True),
+    Row(_LEFT, "25", "left_cond_diffusion", "with_left", "warp+mask+left", match_steps=True),
     Row(_WARP, "1", "left_cond", "without_left", "warp+mask", match_steps=True),
     Row(_LEFT, "1", "left_cond", "with_left", "warp+mask+left", match_steps=True),
     # The full_attention sweep's control arm is the paper's "+ V_l, 1 step" row again, from its own runs.
     Row(_LEFT, "1", "full_attention", "without_full_attention", "warp+mask+left", match_steps=True),
     Row("+full attention", "1", "full_attention", "with_full_attention", "+full attention", match_steps=True),
 )
-_LOSS_ROWS = (
-    Row("A Standard loss (1)", "25", "loss", "A_standard_25", "A"),
-    Row("B Standard loss (1)", "1", "loss", "B_standard_1", "B"),
+_LOSS_ROWS = (  # A and B: one standard diffusion model, tested at 25 and at 1 step
+    Row("A Standard loss (1)", "25", "loss", "A_B_standard", "A", match_steps=True),
+    Row("B Standard loss (1)", "1", "loss", "A_B_standard", "B", match_steps=True),
     Row("C L_latent (2)", "1", "loss", "C_latent", "C"),
     Row("D L_latent + L_LPIPS + L_L1 (5)", "1", "loss", "D_end_to_end", "D"),
 )
@@ -294,7 +326,8 @@ _STANDARD, _E2E = "Sampling t · L_latent", "Fixed t=T · L_latent + L_LPIPS + L
 TABLES = {
     "4": TableSpec("4", "Left-view conditioning and full attention at disoccluded pixels",
                    "Conditioning on the left video improves every metric (with 25 and with 1 inference step); "
-                   "full attention at disoccluded pixels leaves the metrics unchanged.", _COND_ROWS),
+                   "full attention at disoccluded pixels leaves the metrics unchanged.", _COND_ROWS,
+                   floors_from="left_cond"),
     "5": TableSpec("5", "Inference strategies and losses",
                    "The standard diffusion loss needs 25 steps; 1-step inference blurs (worse LPIPS), latent-only "
                    "training barely helps, and end-to-end training with image losses (Eq. 5) is best on LPIPS.",
@@ -311,7 +344,7 @@ TABLES = {
                    regions=REGIONS),
     "7": TableSpec("7", "Table 4 with metrics inside the disoccluded regions",
                    "Left-view conditioning also improves inpainting slightly inside the disocclusion mask.",
-                   _COND_ROWS, regions=("full", "inside")),
+                   _COND_ROWS, regions=("full", "inside"), floors_from="left_cond"),
     "8": TableSpec("8", "Table 5 with metrics inside the disoccluded regions",
                    "Latent-only end-to-end training inpaints about as well as 1-step standard diffusion; the image "
                    "losses of Eq. 5 mostly lower LPIPS.", _LOSS_ROWS, regions=("full", "inside")),
@@ -326,8 +359,10 @@ TABLES = {
     "10": TableSpec("10", "LPIPS against the number of inference steps",
                     "With sampled t more steps help and 1 step is poor; the model trained at fixed t=T end to end is "
                     "best at 1 step and gets worse with more steps.",
-                    tuple(Row(_STANDARD, s, "inference_steps", f"standard_{s}", "sampled t") for s in ("1", "5", "25"))
-                    + tuple(Row(_E2E, s, "inference_steps", f"end_to_end_{s}", "fixed t=T") for s in ("1", "5", "25")),
+                    tuple(Row(_STANDARD, s, "inference_steps", "standard", "sampled t", match_steps=True)
+                          for s in ("1", "5", "25"))
+                    + tuple(Row(_E2E, s, "inference_steps", "end_to_end", "fixed t=T", match_steps=True)
+                            for s in ("1", "5", "25")),
                     metrics=("lpips",)),
 }
 
@@ -342,6 +377,8 @@ class TableResult:
     std:    our columns only: standard deviation over seeds (NaN with fewer than two seeds).
     seeds:  index as values, one column per ours source: the number of seeds behind each row.
     missing: "ablation/arm" (with "at N steps" where the steps pick the row) of each row without a finished run.
+    settings: index as values, one column per ours source: how the row's runs measured where that differs
+            from the paper (paper_results.METRIC_SETTINGS), e.g. "LPIPS alex, 64 px"; "" where it does not.
     """
 
     spec: TableSpec
@@ -349,12 +386,20 @@ class TableResult:
     std: pd.DataFrame
     seeds: pd.DataFrame
     missing: list[str]
+    settings: pd.DataFrame | None = None
 
     def note(self) -> str:
-        """One line naming the rows without runs (for the notebook)."""
+        """One line naming the rows without runs, and whether ours were measured otherwise than the paper."""
         if not self.missing:
-            return f"Table {self.spec.number}: every row of ours has finished runs."
-        return f"Table {self.spec.number}: no finished run yet for {', '.join(self.missing)} (shown as —)."
+            text = f"Table {self.spec.number}: every row of ours has finished runs."
+        else:
+            text = f"Table {self.spec.number}: no finished run yet for {', '.join(self.missing)} (shown as —)."
+        if self.settings is not None and (self.settings != "").any().any():
+            paper = paper_results.METRIC_SETTINGS
+            text += (f" Rows with a '{OTHER_SETTINGS}' entry were measured with other metric settings than the paper's "
+                     f"(LPIPS {paper['lpips_net']}, MS-SSIM {paper['ms_ssim']}, {paper['eval_size']} px): "
+                     "compare them with each other, not with the paper's numbers.")
+        return text
 
     def display(self) -> pd.DataFrame:
         """Strings for reading: ours as 'mean ± std' after a seeds count, the paper's as printed, '—' if missing."""
@@ -367,6 +412,8 @@ class TableResult:
                 continue
             if (source, "seeds", "", "") not in out:
                 out[source, "seeds", "", ""] = self.seeds[source].astype(int).astype(str).tolist()
+                if self.settings is not None:
+                    out[source, OTHER_SETTINGS, "", ""] = self.settings[source].tolist()
             out[col] = [_fmt(v, s, DIGITS.get(metric, 3)) for v, s in zip(self.values[col], self.std[col])]
         shown = pd.DataFrame(out, index=self.values.index)
         shown.columns.names = self.values.columns.names
@@ -389,8 +436,7 @@ def _rows_runs(runs: pd.DataFrame, row: Row) -> pd.DataFrame:
     """The tidy rows of the runs behind one table row."""
     sub = runs[(runs.ablation == row.ablation) & (runs.arm == row.arm)]
     if row.match_steps:
-        steps = sub[(sub.metric == "steps") & (sub.value == float(row.steps))]
-        sub = sub[sub.run_id.isin(steps.run_id)]
+        sub = sub[sub.steps == float(row.steps)]
     return sub
 
 
@@ -427,6 +473,8 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
         columns, names=["source", "dataset", "region", "metric"]))
     std = values[[c for c in columns if c[0] != "paper"]].copy()
     seeds = pd.DataFrame(0, index=index, columns=list(sources.values()))
+    settings = pd.DataFrame("", index=index, columns=list(sources.values()))
+    compared = ("eval_size",) if spec.metrics == ("latency_s",) else SETTINGS  # latency depends on the size only
     missing = []
 
     for i, (row, sub) in enumerate(zip(rows, per_row)):
@@ -436,6 +484,7 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
         for exp in experiments:
             mine = sub if exp is None else sub[sub.experiment == exp]
             seeds.iloc[i, list(sources).index(exp)] = mine.seed.nunique()
+            settings.iloc[i, list(sources).index(exp)] = settings_note(mine, compared)
             for (d, g, m), group in mine.groupby(["dataset", "region", "metric"]):
                 col = (sources[exp], d, g, m)
                 if col in values.columns:
@@ -447,12 +496,28 @@ def build_table(runs: pd.DataFrame, number: str, paper: pd.DataFrame | None = No
                 col = ("paper", rec.dataset, rec.region, rec.metric)
                 if col in values.columns:
                     values.iloc[i, values.columns.get_loc(col)] = rec.value
-    return TableResult(spec, values, std, seeds, missing)
+    return TableResult(spec, values, std, seeds, missing, settings)
+
+
+def settings_note(runs: pd.DataFrame, compared=SETTINGS) -> str:
+    """How `runs` were measured where that differs from the paper's settings ("" when as the paper, or no
+    runs): e.g. "LPIPS alex, MS-SSIM per_frame, 64 px"; "not recorded" for runs from before the tags."""
+    paper = paper_results.METRIC_SETTINGS
+    label = {"lpips_net": "LPIPS {}", "ms_ssim": "MS-SSIM {}", "eval_size": "{} px"}
+    notes = []
+    for combo in runs[list(compared)].drop_duplicates().itertuples(index=False):
+        if any(pd.isna(v) for v in combo):
+            note = "not recorded"
+        else:
+            note = ", ".join(label[k].format(v) for k, v in zip(compared, combo) if str(v) != paper[k])
+        if note and note not in notes:
+            notes.append(note)
+    return " | ".join(notes)
 
 
 def _floor_rows(spec: TableSpec) -> tuple[Row, ...]:
     """The training-free floors of the table's (first) grid, on exactly its test clips; none for latency."""
-    ablation = next((r.ablation for r in spec.rows if r.ablation), None)
+    ablation = spec.floors_from or next((r.ablation for r in spec.rows if r.ablation), None)
     if ablation is None or spec.metrics == ("latency_s",):
         return ()
     return tuple(Row(f"{FLOOR_PREFIX}{v.replace('_', ' ')}", "—", ablation, f"{FLOOR_PREFIX}{v}") for v in FLOORS)
@@ -467,7 +532,24 @@ def build_tables(runs: pd.DataFrame) -> dict[str, TableResult]:
 
 def _arms(runs: pd.DataFrame, ablation: str) -> list[str]:
     found = runs.loc[runs.ablation == ablation, "arm"].unique()
-    return list(ARMS.get(ablation, ())) + sorted(a for a in found if a not in ARMS.get(ablation, ()))
+    known = list(ARMS.get(ablation, ()))
+    # an arm tested at several step counts is one bar per count ("A_B_standard @ 25"), after its name
+    split = {a: sorted((f for f in found if f.startswith(f"{a}{STEPS_MARK}")), key=lambda f: int(f.split()[-1]))
+             for a in known}
+    ordered = [b for a in known for b in (split[a] or [a])]
+    return ordered + sorted(a for a in found if a not in ordered)
+
+
+def split_by_steps(runs: pd.DataFrame) -> pd.DataFrame:
+    """The tidy runs with each arm that was tested at several step counts renamed per count
+    ('A_B_standard @ 25'), so that bars and seeds never mix step counts."""
+    counts = runs.dropna(subset=["steps"]).groupby(["ablation", "arm"]).steps.nunique()
+    several = {k for k, n in counts.items() if n > 1}
+    if not several:
+        return runs
+    rename = [(ab, arm) in several and st == st for ab, arm, st in zip(runs.ablation, runs.arm, runs.steps)]
+    arms = [f"{arm}{STEPS_MARK}{int(st)}" if r else arm for arm, st, r in zip(runs.arm, runs.steps, rename)]
+    return runs.assign(arm=arms)
 
 
 def _bars(ax, runs: pd.DataFrame, arms: list[str], labels: list[str] | None = None) -> None:
@@ -500,12 +582,12 @@ def _empty(message: str):
 
 def plot_ablation(runs: pd.DataFrame, ablation: str, metrics=QUALITY + ("temporal_error",), region: str = "full"):
     """Each dataset (rows) x metric (columns): one bar per arm, mean over seeds with std and the seeds as dots."""
-    sub = runs[(runs.ablation == ablation) & (runs.region == region) & runs.metric.isin(metrics)]
+    sub = split_by_steps(runs[(runs.ablation == ablation) & (runs.region == region) & runs.metric.isin(metrics)])
     if sub.empty:
         return _empty(f"no finished runs in sweep-{ablation}")
     datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
     metrics = [m for m in metrics if m in set(sub.metric)]
-    arms = _arms(runs, ablation)
+    arms = _arms(sub, ablation)
     fig = _figure(figsize=(3 * len(metrics), 2.8 * len(datasets)))
     axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
     for r, d in enumerate(datasets):
@@ -528,7 +610,7 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
         for k, (regime, label) in enumerate(regimes):
             pts = []
             for steps in (1, 5, 25):
-                vals = sub[(sub.dataset == d) & (sub.arm == f"{regime}_{steps}")].value
+                vals = sub[(sub.dataset == d) & (sub.arm == regime) & (sub.steps == steps)].value
                 if len(vals):
                     pts.append((steps, vals.mean(), vals.std(ddof=1) if len(vals) > 1 else 0.0))
             if pts:
@@ -552,7 +634,9 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
         ax.set_xlabel("inference steps")
         ax.set_ylabel("LPIPS (lower is better)")
         ax.legend(fontsize=7)
-    missing = [a for a in ARMS["inference_steps"] if a not in set(sub.arm)]
+    found = set(zip(sub.arm, sub.steps))
+    missing = [f"{a} at {n} step{'s' if n > 1 else ''}" for a in ARMS["inference_steps"] for n in (1, 5, 25)
+               if (a, float(n)) not in found]
     if not datasets:
         fig.suptitle("no finished runs in sweep-inference_steps: only the paper's curves")
     elif missing:

@@ -24,6 +24,7 @@ EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 MAX_CHAIN = 16
 ROOT_ENV = "M2S_ROOT"
+NUMBER_OR_LIST = {"module.eval.steps"}  # keys that take one number or a list of numbers
 
 
 def work_root() -> Path:
@@ -106,7 +107,8 @@ def _check_types(base: DictConfig, cfg: DictConfig, prefix: str = "") -> None:
         number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
         if isinstance(d, bool) and not isinstance(v, bool):
             raise ConfigError(f"{name}={v!r}: must be true or false (base.yaml: {d})")
-        if number(d) and not (v is None or number(v)):
+        numbers = name in NUMBER_OR_LIST and isinstance(v, ListConfig) and all(number(x) for x in v)
+        if number(d) and not (v is None or number(v) or numbers):
             raise ConfigError(f"{name}={v!r}: must be a number (base.yaml: {d})")
 
 

@@ -2,7 +2,8 @@
 
 Conventions (DESIGN.md): images are float `[..., C, H, W]`, disparity float `[..., H, W]` in pixels of
 that image for the LEFT view. A left pixel at column x lands at column x - d of the right view; where
-several land on one right pixel the nearest surface (largest disparity) wins.
+several land on one right pixel the nearest surface (largest disparity) wins (`forward_splat`), or, in
+the M2SVid release's warp (`released_splat`), the later pixel in scan order.
 """
 
 from __future__ import annotations
@@ -214,6 +215,101 @@ def splat_reference(image: np.ndarray, disparity: np.ndarray) -> tuple[np.ndarra
     holes = wsum <= 0
     out[:, ~holes] /= wsum[~holes]
     return out.astype(np.float32), holes
+
+
+def released_splat(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The M2SVid release's warp (its `scatter_image`), vectorised.
+
+    image `[..., C, H, W]`, disparity `[..., H, W]` -> (warped `[..., C, H, W]`, holes bool `[..., H, W]`).
+    A left pixel at x with disparity d = floor(d) + f writes its colour to column x - floor(d) with
+    weight 1 - f and to column x - floor(d) - 1 with weight f. There is no depth test: within each of
+    the two taps, where several pixels write one target the later one in scan order (row by row, left
+    to right) wins, a zero-weight write included; the two taps' colours and weights then add up and
+    are normalised. Pixels with no weight are holes (0 in `warped`). As `forward_splat`: RGB on the
+    CPU without gradients runs a compiled loop (numba), otherwise a vectorised torch version
+    (differentiable in `image`); both compute the same.
+    """
+    _check_splat_inputs(image, disparity)
+    grad = image.requires_grad or disparity.requires_grad
+    compiled = image.device.type == "cpu" and image.shape[-3] == 3 and not grad
+    return _released_numba(image, disparity) if compiled else _released_torch(image, disparity)
+
+
+def _released_torch(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lead, (C, H, W) = image.shape[:-3], image.shape[-3:]
+    P = math.prod(lead) * H * W  # pixels of all frames, flat in scan order
+    img = image.reshape(-1, C, H * W).transpose(0, 1).reshape(C, P)  # [C, P]
+    d = disparity.reshape(P).float()
+    x = torch.arange(W, device=d.device).repeat(P // W)  # column of each pixel
+    row_start = torch.arange(0, P, W, device=d.device).repeat_interleave(W)  # flat index of its row's column 0
+    whole = torch.floor(d)
+    frac = d - whole
+    near = x - whole.long()  # the tap at x - floor(d)
+    acc, wsum = img.new_zeros(C, P), img.new_zeros(P)
+    for col, weight in ((near, 1 - frac), (near - 1, frac)):
+        # a pixel lands in its own row; taps outside the frame go to a spare slot P (no boolean indexing: fast)
+        target = torch.where((col >= 0) & (col < W), row_start + col, P)
+        # 1. The last writer of each target: the largest source column (float is exact below 2^24; -1 = none)
+        last = torch.full((P + 1,), -1.0, device=d.device).scatter_reduce(0, target, x.float(), "amax")[:P]
+        hit = last >= 0
+        source = row_start + last.long().clamp_min(0)  # its flat index (the target's row)
+        w = (weight.index_select(0, source) * hit).to(img.dtype)
+        # 2. Its colour times its weight adds to the target; so do the other tap's
+        acc = acc + img.index_select(1, source) * w
+        wsum = wsum + w
+    holes = wsum <= 0
+    warped = acc / wsum.clamp_min(1e-12)  # holes: 0 / eps = 0
+    warped = warped.reshape(C, -1, H * W).transpose(0, 1).reshape(*lead, C, H, W)
+    return warped.to(image.dtype), holes.reshape(*lead, H, W)
+
+
+_released_kernel = None
+
+
+def _released_numba(image: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    global _released_kernel
+    if _released_kernel is None:
+        import numba
+
+        @numba.njit(cache=True, nogil=True, fastmath=True)
+        def kernel(img, disp, out, holes):  # img/out [N, 3, H, W] f32, disp [N, H, W] f32
+            N, _, H, W = img.shape
+            taps = np.empty((2, W, 4), dtype=np.float32)  # per tap and target: r, g, b times weight, weight
+            for n in range(N):
+                for y in range(H):
+                    taps[:] = 0
+                    for x in range(W):  # scan order: a later write replaces an earlier one
+                        d = disp[n, y, x]
+                        whole = np.floor(d)
+                        f = d - whole
+                        for k in range(2):  # x - floor(d) with 1 - f, x - floor(d) - 1 with f
+                            c = x - int(whole) - k
+                            if 0 <= c < W:
+                                w = np.float32(1) - f if k == 0 else f
+                                taps[k, c, 0] = w * img[n, 0, y, x]
+                                taps[k, c, 1] = w * img[n, 1, y, x]
+                                taps[k, c, 2] = w * img[n, 2, y, x]
+                                taps[k, c, 3] = w
+                    for x in range(W):  # the two taps add up; normalise; no weight = hole (0)
+                        s = taps[0, x, 3] + taps[1, x, 3]
+                        holes[n, y, x] = s <= 0
+                        inv = np.float32(1) / s if s > 0 else np.float32(0)
+                        for c in range(3):
+                            out[n, c, y, x] = (taps[0, x, c] + taps[1, x, c]) * inv
+
+        _released_kernel = kernel
+    lead, (C, H, W) = image.shape[:-3], image.shape[-3:]
+    img = np.ascontiguousarray(image.detach().reshape(-1, C, H, W).float().numpy())
+    disp = np.ascontiguousarray(disparity.detach().reshape(-1, H, W).float().numpy())
+    out = np.empty_like(img)  # every element is written by the kernel
+    holes = np.empty(disp.shape, dtype=np.bool_)
+    _released_kernel(img, disp, out, holes)
+    return torch.from_numpy(out).reshape(*lead, C, H, W).to(image.dtype), torch.from_numpy(holes).reshape(*lead, H, W)
+
+
+# data.splat: how the pipeline warps the left view from its disparity (the two agree on integer shifts
+# without collisions; they differ where pixels collide: depth test vs scan order).
+SPLATS = {"nearest": forward_splat, "released": released_splat}
 
 
 def close_mask(mask: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:

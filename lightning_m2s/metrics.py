@@ -6,7 +6,9 @@ What is measured, per video, then averaged over the dataset (paper Sec. 6):
   images mapped from [-1, 1] to [0, 1] and clamped. Identical videos give ``PSNR_CAP_DB`` (100 dB,
   i.e. the MSE is floored at 1e-10) instead of ``inf``, so averages stay finite.
 - **MS-SSIM**: per frame (2-D, Wang et al. 2003 via torchmetrics), averaged over the frames. See
-  :func:`ms_ssim_scales` for the number of scales at small resolutions.
+  :func:`ms_ssim_scales` for the number of scales at small resolutions. ``ms_ssim_mode="released"``
+  computes it as the released evaluation does instead: pytorch_msssim on the whole video as one 5-D
+  tensor ``[B, 3, T, H, W]``, so the Gaussian window and the downsampling also span time.
 - **LPIPS**: per frame (default AlexNet backbone, real weights, see :func:`lpips_network`),
   averaged over the frames.
 - each of the three **inside** the disocclusion mask M and **outside** it, as the paper's App. D.2
@@ -50,6 +52,8 @@ MS_SSIM_SIGMA = 1.5
 LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smallest frame side each backbone's slices accept
 REGIONS = ("full", "inside", "outside")
 METRICS = ("psnr", "ms_ssim", "lpips")
+MS_SSIM_MODES = ("per_frame", "released")  # 2-D per frame, averaged (paper text) | 3-D over the video (released code)
+RELEASED_MS_SSIM_MIN_SIDE = (MS_SSIM_KERNEL - 1) * 16  # pytorch_msssim: frames must be larger (4 downsamplings)
 
 
 def metric_keys(lpips: bool = True) -> tuple[str, ...]:
@@ -256,6 +260,25 @@ def video_ms_ssim(pred01: Tensor, target01: Tensor, scales: int | Literal["auto"
     return frame_ms_ssim(pred01.flatten(0, 1), target01.flatten(0, 1), scales, kernel_size).view(b, t).mean(1)
 
 
+def video_ms_ssim_released(pred01: Tensor, target01: Tensor, kernel_size: int = MS_SSIM_KERNEL) -> Tensor:
+    """MS-SSIM per video ``[B]`` as the released evaluation computes it: pytorch_msssim's 5-scale MS-SSIM
+    on ``[B, 3, T, H, W]`` (data range 1, 11-tap Gaussian, sigma 1.5), whose window and 2x average
+    pooling run over T as well as H and W; along a dimension shorter than the window (T < 11 at the
+    coarser scales) the library skips the smoothing, as it did for the release. Needs frames wider
+    than 160 px (the library's bound for four downsamplings)."""
+    from pytorch_msssim import ms_ssim
+
+    if min(pred01.shape[-2:]) <= (kernel_size - 1) * 16:
+        raise DataError(f"released MS-SSIM (module.eval.ms_ssim: released) needs frames larger than "
+                        f"{(kernel_size - 1) * 16} px, got {tuple(pred01.shape[-2:])}; use per_frame")
+    p, g = pred01.float().transpose(1, 2), target01.float().transpose(1, 2)  # [B, 3, T, H, W]
+    with warnings.catch_warnings():  # "Skipping Gaussian Smoothing at dimension ...": the release's behaviour
+        warnings.simplefilter("ignore", UserWarning)
+        values = [ms_ssim(p[i : i + 1], g[i : i + 1], data_range=1.0, size_average=False, win_size=kernel_size)
+                  for i in range(p.shape[0])]  # one video at a time: bounded memory at 512 px
+    return torch.cat(values).reshape(-1)
+
+
 @torch.no_grad()
 def frame_lpips(pred01: Tensor, target01: Tensor, net: LPIPSDistance, chunk: int = 32) -> Tensor:
     """LPIPS per frame: ``[N, 3, H, W]`` in [0, 1] -> ``[N]`` (fed to the network in [-1, 1])."""
@@ -312,8 +335,11 @@ class StereoMetrics(Metric):
       "vgg" (what the released evaluation code uses); ``None`` leaves LPIPS out.
     - ``reduction``: "video" (paper: values per video, averaged over videos) or "batch" (the
       released code: each ``update()`` batch is one unit: PSNR from the MSE over the whole batch
-      tensor, MS-SSIM and LPIPS averaged over the batch's frames; the units are then averaged.
-      The release's 3-D MS-SSIM window over T is not reproduced: MS-SSIM stays per frame).
+      tensor, MS-SSIM and LPIPS averaged over the batch's frames (or its videos, "released" MS-SSIM);
+      the units are then averaged).
+    - ``ms_ssim_mode``: "per_frame" (2-D per frame, averaged: the paper text) or "released"
+      (pytorch_msssim on the 5-D video, the window spanning time; frames > 160 px, see
+      :func:`video_ms_ssim_released`).
     - ``ms_ssim_scales``: "auto" (see :func:`ms_ssim_scales`) or a fixed 1..5 (fix it when
       comparing runs at different resolutions); ``ms_ssim_kernel``: Gaussian window size (odd).
 
@@ -332,6 +358,7 @@ class StereoMetrics(Metric):
         ms_ssim_kernel: int = MS_SSIM_KERNEL,
         lpips_checkpoint: str | os.PathLike | None = None,
         lpips_chunk: int = 32,
+        ms_ssim_mode: str = "per_frame",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -343,6 +370,9 @@ class StereoMetrics(Metric):
             raise ConfigError(f"metrics.ms_ssim_scales: {ms_ssim_scales!r} is not 'auto' or an integer 1..5")
         if not (isinstance(ms_ssim_kernel, int) and ms_ssim_kernel >= 3 and ms_ssim_kernel % 2 == 1):
             raise ConfigError(f"metrics.ms_ssim_kernel: {ms_ssim_kernel!r} is not an odd integer >= 3")
+        if ms_ssim_mode not in MS_SSIM_MODES:
+            raise ConfigError(f"module.eval.ms_ssim: {ms_ssim_mode!r} is not one of {MS_SSIM_MODES}")
+        self.ms_ssim_mode = ms_ssim_mode
         self.lpips_net = lpips_net
         self.reduction = reduction
         self.ms_ssim_scales = ms_ssim_scales
@@ -364,6 +394,7 @@ class StereoMetrics(Metric):
     def update(self, pred: Tensor, target: Tensor, mask: Tensor) -> None:
         mask = _check_videos(pred, target, mask)
         p01, g01 = to_unit(pred), to_unit(target)
+        frames = p01.shape[1]  # per video, before a "batch" reduction joins them
         if self.reduction == "batch":  # the whole batch is one unit: [1, B*T, 3, H, W]
             p01, g01, mask = p01.flatten(0, 1)[None], g01.flatten(0, 1)[None], mask.flatten(0, 1)[None]
         b, t = p01.shape[:2]
@@ -375,10 +406,13 @@ class StereoMetrics(Metric):
         p_all = torch.cat([p for p, _ in regions])  # [3B, T, 3, H, W]
         g_all = torch.cat([g for _, g in regions])
         cols: dict[str, Tensor] = {}
-        per = {
-            "psnr": psnr_from_mse((p_all - g_all).pow(2).flatten(1).mean(1)),
-            "ms_ssim": video_ms_ssim(p_all, g_all, self.ms_ssim_scales, self.ms_ssim_kernel),
-        }
+        if self.ms_ssim_mode == "released":  # on each video [3 regions * videos], then averaged per unit
+            as_videos = lambda x: x.reshape(-1, frames, *x.shape[2:])  # noqa: E731
+            ms_ssim = video_ms_ssim_released(as_videos(p_all), as_videos(g_all), self.ms_ssim_kernel)
+            ms_ssim = ms_ssim.reshape(3 * b, -1).mean(1)
+        else:
+            ms_ssim = video_ms_ssim(p_all, g_all, self.ms_ssim_scales, self.ms_ssim_kernel)
+        per = {"psnr": psnr_from_mse((p_all - g_all).pow(2).flatten(1).mean(1)), "ms_ssim": ms_ssim}
         if self.lpips_net is not None:
             per["lpips"] = video_lpips(p_all, g_all, self._lpips(), self.lpips_chunk)
         ok: dict[str, Tensor] = {}

@@ -135,16 +135,18 @@ class Denoiser:
         noise: torch.Tensor | None = None,
         device=None,
         dtype=torch.float32,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Euler EDM sampling over img2vid-xt's Karras sigmas (sigma_min..sigma_max, rho 7, final 0).
 
-        Starts from zeros (the paper's mean-noise convention, so steps=1 equals `predict_one_step`)
-        or, when `noise` is given, from noise * sqrt(sigma_max^2 + 1) (diffusers' init_noise_sigma)."""
+        Starts from noise * sqrt(sigma_max^2 + 1) (diffusers' init_noise_sigma): `noise` [shape], or
+        standard normal noise drawn on the CPU from `generator`. Never from zeros: multi-step sampling
+        from a zero latent only follows the mean and never sharpens (Eq. 4's one step from zeros is
+        `predict_one_step`)."""
         sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max).to(device)
         if noise is None:
-            x = torch.zeros(shape, device=device, dtype=dtype)
-        else:
-            x = noise.to(device=device, dtype=dtype) * (sigmas[0] ** 2 + 1) ** 0.5
+            noise = torch.randn(shape, generator=generator)
+        x = noise.to(device=device, dtype=dtype) * (sigmas[0] ** 2 + 1) ** 0.5
         for i in range(steps):
             sigma, sigma_next = sigmas[i], sigmas[i + 1]
             denoised = self(x, sigma.expand(shape[0]), cond)

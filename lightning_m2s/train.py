@@ -23,8 +23,9 @@ from lightning_m2s.callbacks import MediaLogger
 from lightning_m2s.checkpoints import AtomicCheckpointIO, LastCheckpoint, SignalLog, interrupt_signal, resumable_checkpoint
 from lightning_m2s.config import to_container, work_root
 from lightning_m2s.data.datamodule import StereoDataModule
-from lightning_m2s.errors import Interrupted, M2SError
+from lightning_m2s.errors import ConfigError, Interrupted, M2SError
 from lightning_m2s.files import write_json
+from lightning_m2s.metrics import RELEASED_MS_SSIM_MIN_SIDE
 from lightning_m2s.modules import load_trained_weights, module_class, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def build_module(cfg: DictConfig):
     """The variant's LightningModule from the resolved config."""
+    if cfg.module.eval.ms_ssim == "released" and cfg.data.eval_size <= RELEASED_MS_SSIM_MIN_SIDE:
+        raise ConfigError(f"module.eval.ms_ssim=released needs data.eval_size > {RELEASED_MS_SSIM_MIN_SIDE} "
+                          f"(pytorch_msssim's bound), got {cfg.data.eval_size}; use per_frame")
     cls = module_class(cfg.module.variant)
     return cls(
         model=to_container(cfg.model), optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
@@ -73,6 +77,8 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
     id_file.write_text(run_id)
     tracking.log_config(client, run_id, cfg)
     client.set_tag(run_id, "m2s.variant", cfg.module.variant)
+    for key, value in tracking.metric_tags(cfg).items():
+        client.set_tag(run_id, key, value)
     return MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id,
                         log_model=False)
 
@@ -120,14 +126,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                      f"trainer.init_from {cfg.trainer.init_from}")
                 logger.experiment.set_tag(logger.run_id, "m2s.init_from", str(cfg.trainer.init_from))
             with signals:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             # The last validation's figures: what a hyperparameter search may select on (never test/).
             validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             if checkpoint.best_model_path:
                 logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
         best = "best" if module.trains and checkpoint.best_model_path else None
         with signals:
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     except BaseException as err:
         signum = interrupt_signal(trainer, signals, err)
         if trainer.is_global_zero:
@@ -139,8 +145,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     metrics = {**validation, **{k: float(v) for k, v in (results[0] if results else {}).items()}}
     if trainer.is_global_zero:
-        # every clip's test metrics: what paired comparisons between runs need (lightning_m2s.stats)
-        write_json(out / PER_CLIP_FILE, {"rows": module.per_clip})
+        # every clip's test metrics: what paired comparisons between runs need (lightning_m2s.stats); with
+        # several eval step counts "rows" holds the first's and "by_steps" each count's
+        per_clip = {"rows": module.per_clip}
+        if module.per_clip_by_steps:
+            per_clip["by_steps"] = {str(n): rows for n, rows in module.per_clip_by_steps.items()}
+        write_json(out / PER_CLIP_FILE, per_clip)
         logger.experiment.log_artifact(logger.run_id, str(out / PER_CLIP_FILE), "metrics")
         logger.experiment.set_terminated(logger.run_id, status="FINISHED")
     return metrics

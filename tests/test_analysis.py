@@ -20,19 +20,30 @@ from lightning_m2s import analysis, paper_results, tracking
 DATASETS = ("synthetic", "real")
 _LEFT = "Cond. with V_r^warp + M_r^occ + V_l"
 _WARP = "Cond. with V_r^warp + M_r^occ"
+TINY_SETTINGS = {"lpips_net": "alex", "ms_ssim": "per_frame", "eval_size": "64"}  # the embedded default's
 
 
-def fake_metrics(base: float, seed: int, steps: int) -> dict[str, float]:
-    """Final test metrics as the training code logs them; `base` orders the arms (higher is better)."""
-    m = {"test/steps": float(steps), "test/latency_s": 1.0 + base / 10 + seed / 10}
+def _one_count(base: float, seed: int, prefix: str = "") -> dict[str, float]:
+    m = {f"test/{prefix}latency_s": 1.0 + base / 10 + seed / 10}
     for k, d in enumerate(DATASETS):
         psnr = 20 + base + seed - 2 * k
-        m.update({
-            f"test/{d}/psnr": psnr, f"test/{d}/psnr_inside": psnr + 10, f"test/{d}/psnr_outside": psnr + 1,
-            f"test/{d}/ms_ssim": 0.8 + base / 100 + seed / 100, f"test/{d}/ms_ssim_inside": 0.95,
-            f"test/{d}/ms_ssim_outside": 0.85, f"test/{d}/lpips": 0.3 - base / 100 - seed / 100,
-            f"test/{d}/lpips_inside": 0.02, f"test/{d}/lpips_outside": 0.25, f"test/{d}/temporal_error": 0.01,
-        })
+        m.update({f"test/{d}/{prefix}{name}": v for name, v in {
+            "psnr": psnr, "psnr_inside": psnr + 10, "psnr_outside": psnr + 1,
+            "ms_ssim": 0.8 + base / 100 + seed / 100, "ms_ssim_inside": 0.95,
+            "ms_ssim_outside": 0.85, "lpips": 0.3 - base / 100 - seed / 100,
+            "lpips_inside": 0.02, "lpips_outside": 0.25, "temporal_error": 0.01}.items()})
+    return m
+
+
+def fake_metrics(base, seed: int, steps) -> dict[str, float]:
+    """Final test metrics as the training code logs them; `base` orders the arms (higher is better). With
+    lists (one model tested at several step counts, a base per count): `test/<dataset>/steps<N>/...` for each
+    count and the plain names for the first, as the module logs them."""
+    if not isinstance(steps, list):
+        return {"test/steps": float(steps), **_one_count(base, seed)}
+    m = {"test/steps": float(steps[0]), **_one_count(base[0], seed)}
+    for b, n in zip(base, steps):
+        m.update(_one_count(b, seed, f"steps{n}/"))
     return m
 
 
@@ -54,16 +65,12 @@ SCENARIO = [
     ("left_cond", "without_left", 2, 60.0, 1, "RUNNING"),
     ("full_attention", "with_full_attention", 0, 2.2, 1, "FINISHED"),
     ("full_attention", "with_full_attention", 1, 2.2, 1, "FINISHED"),
-    ("loss", "A_standard_25", 0, 1.5, 25, "FINISHED"),
-    ("loss", "B_standard_1", 0, 0.5, 1, "FINISHED"),
+    ("loss", "A_B_standard", 0, [1.5, 0.5], [25, 1], "FINISHED"),  # one model: rows A (25 steps) and B (1)
     ("loss", "D_end_to_end", 0, 3.0, 1, "FINISHED"),
     ("loss", "D_end_to_end", 1, 3.0, 1, "FINISHED"),
-    ("inference_steps", "standard_1", 0, 0.5, 1, "FINISHED"),
-    ("inference_steps", "standard_5", 0, 1.0, 5, "FINISHED"),
-    ("inference_steps", "standard_25", 0, 1.5, 25, "FINISHED"),
-    ("inference_steps", "end_to_end_1", 0, 3.0, 1, "FINISHED"),
-    ("inference_steps", "end_to_end_1", 1, 3.0, 1, "FINISHED"),
-    ("inference_steps", "end_to_end_5", 0, 2.0, 5, "FINISHED"),
+    ("inference_steps", "standard", 0, [0.5, 1.0, 1.5], [1, 5, 25], "FINISHED"),
+    ("inference_steps", "end_to_end", 0, [3.0, 2.0], [1, 5], "FINISHED"),
+    ("inference_steps", "end_to_end", 1, 3.0, 1, "FINISHED"),
     ("runtime", "without_full_attention", 0, 1.0, 1, "FINISHED"),
     ("runtime", "with_full_attention", 0, 2.0, 1, "FINISHED"),
     ("runtime", "with_full_attention", 1, 2.0, 1, "FINISHED"),
@@ -78,7 +85,7 @@ QUALITATIVE = {("left_cond", "with_left", 0): 100, ("left_cond", "without_left",
 
 def log_trial(client, exp_id: str, parent_id: str, ablation: str, arm: str, seed: int, metrics: dict[str, float],
               status: str = "FINISHED", qualitative: dict[str, dict] | None = None, experiment: str = "tiny",
-              start_time: int | None = None, workdir: Path | None = None) -> str:
+              start_time: int | None = None, workdir: Path | None = None, settings: dict | None = None) -> str:
     """One child trial run with the sweep's tags, final metrics, optional npz artifacts; returns its id."""
     from mlflow.entities import Metric
 
@@ -86,7 +93,7 @@ def log_trial(client, exp_id: str, parent_id: str, ablation: str, arm: str, seed
     run = client.create_run(exp_id, run_name=f"{arm}-seed{seed}", start_time=start_time, tags={
         "mlflow.parentRunId": parent_id, "m2s.kind": "trial", "m2s.ablation": ablation, "m2s.arm": arm,
         "m2s.seed": str(seed), "m2s.study": study, "m2s.experiment": experiment, "m2s.trial": "0",
-        "m2s.git_commit": "test"})
+        "m2s.git_commit": "test", **{f"m2s.metrics.{k}": v for k, v in (settings or TINY_SETTINGS).items()}})
     run_id = run.info.run_id
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
     for dataset, arrays in (qualitative or {}).items():
@@ -109,7 +116,8 @@ def fill_store(root: Path, scenario=SCENARIO, qualitative=QUALITATIVE) -> str:
         if ablation not in parents:
             exp_id = tracking.experiment_id(client, f"sweep-{ablation}", artifact_root=str(root / "artifacts"))
             parent = client.create_run(exp_id, run_name=ablation, tags={
-                "m2s.kind": "sweep", "m2s.study": ablation, "m2s.ablation": ablation, "m2s.experiment": "tiny"})
+                "m2s.kind": "sweep", "m2s.study": ablation, "m2s.ablation": ablation, "m2s.experiment": "tiny",
+                **{f"m2s.metrics.{k}": v for k, v in TINY_SETTINGS.items()}})
             # A number on the parent must never reach a table (only trials count).
             client.log_metric(parent.info.run_id, "test/synthetic/psnr", 999.0)
             parents[ablation] = exp_id, parent.info.run_id
@@ -139,13 +147,17 @@ def ours(table, source="ours"):
 
 
 @pytest.mark.parametrize("key, expected", [
-    ("test/real/psnr", ("real", "full", "psnr")),
-    ("test/synthetic/ms_ssim_inside", ("synthetic", "inside", "ms_ssim")),
-    ("test/stereo4d/lpips_outside", ("stereo4d", "outside", "lpips")),
-    ("test/real/temporal_error", ("real", "full", "temporal_error")),
-    ("test/latency_s", ("all", "full", "latency_s")),
+    ("test/real/psnr", ("real", "full", "psnr", None)),
+    ("test/synthetic/ms_ssim_inside", ("synthetic", "inside", "ms_ssim", None)),
+    ("test/stereo4d/lpips_outside", ("stereo4d", "outside", "lpips", None)),
+    ("test/real/temporal_error", ("real", "full", "temporal_error", None)),
+    ("test/latency_s", ("all", "full", "latency_s", None)),
+    ("test/steps", ("all", "full", "steps", None)),
+    ("test/synthetic/steps5/psnr_inside", ("synthetic", "inside", "psnr", 5)),
+    ("test/steps25/latency_s", ("all", "full", "latency_s", 25)),
     ("train/loss", None),
     ("val/real/psnr", None),
+    ("val/real/steps5/psnr", None),
 ])
 def test_parse_metric(key, expected):
     assert analysis.parse_metric(key) == expected
@@ -172,11 +184,25 @@ def test_status_counts(store):
     assert counts.loc[("tiny", "left_cond", "with_left"), "FINISHED"] == 3  # the superseded run still exists
 
 
-def test_run_table_one_row_per_run(runs):
+def test_load_runs_reads_each_step_count_of_one_model(runs):
+    """A model tested at 25 and 1 steps: its steps<N> metrics, each with its count; the plain names (a
+    repeat of the first count) are not counted twice."""
+    full = runs[runs.region == "full"]
+    ab = full[(full.arm == "A_B_standard") & (full.dataset == "real") & (full.metric == "psnr")]
+    assert sorted(zip(ab.steps, ab.value)) == [(1.0, 18.5), (25.0, 19.5)]
+    latency = runs[(runs.arm == "A_B_standard") & (runs.metric == "latency_s")]
+    assert sorted(latency.steps) == [1.0, 25.0]
+    one = runs[(runs.arm == "D_end_to_end") & (runs.metric == "psnr")]
+    assert set(one.steps) == {1.0}  # a single count: test/steps says which
+    assert set(runs[runs.arm == "D_end_to_end"].lpips_net) == {"alex"}  # the run's metric settings
+
+
+def test_run_table_one_row_per_run_and_step_count(runs):
     t = analysis.run_table(runs, "loss")
-    assert len(t) == 4
-    assert t.loc[("tiny", "D_end_to_end", 1), "real/psnr"] == pytest.approx(20 + 3 + 1 - 2)
-    assert t.loc[("tiny", "A_standard_25", 0), "synthetic/lpips_inside"] == pytest.approx(0.02)
+    assert len(t) == 4  # A_B_standard at 25 and at 1 step, D_end_to_end seeds 0 and 1
+    assert t.loc[("tiny", "D_end_to_end", 1, 1), "real/psnr"] == pytest.approx(20 + 3 + 1 - 2)
+    assert t.loc[("tiny", "A_B_standard", 0, 25), "synthetic/lpips_inside"] == pytest.approx(0.02)
+    assert t.loc[("tiny", "A_B_standard", 0, 1), "synthetic/psnr"] == pytest.approx(20.5)
 
 
 # ---------------------------------------------------------------- tables
@@ -197,16 +223,17 @@ def test_table4_mean_spread_and_missing(runs):
     assert math.isnan(t.std.loc[without, ("ours", "synthetic", "full", "psnr")])
     assert t.seeds.loc[without, "ours"] == 1
     # No 25-step runs and no without_full_attention arm: missing, never filled in.
-    for row in [(_WARP, "25", "left_cond/without_left"), (_LEFT, "25", "left_cond/with_left"),
+    for row in [(_WARP, "25", "left_cond_diffusion/without_left"), (_LEFT, "25", "left_cond_diffusion/with_left"),
                 (_LEFT, "1", "full_attention/without_full_attention")]:
         assert ours(t).loc[row].isna().all()
-    assert t.missing == ["left_cond/without_left at 25 steps", "left_cond/with_left at 25 steps",
+    assert t.missing == ["left_cond_diffusion/without_left at 25 steps", "left_cond_diffusion/with_left at 25 steps",
                          "full_attention/without_full_attention at 1 step"]
     full = ("+full attention", "1", "full_attention/with_full_attention")
     assert t.values.loc[full, ("ours", "synthetic", "full", "lpips")] == pytest.approx(0.3 - 0.022 - 0.005)
     # The paper's numbers beside ours, on the paper's datasets.
     assert t.values.loc[with_left, ("paper", "stereo4d", "full", "psnr")] == 26.2
-    assert t.values.loc[(_WARP, "25", "left_cond/without_left"), ("paper", "ego4d", "full", "ms_ssim")] == 0.822
+    warp25 = (_WARP, "25", "left_cond_diffusion/without_left")
+    assert t.values.loc[warp25, ("paper", "ego4d", "full", "ms_ssim")] == 0.822
     assert t.values.loc[full, ("paper", "ego4d", "full", "lpips")] == 0.248
     ours_only = t.values.index.get_level_values("row").str.startswith(analysis.FLOOR_PREFIX)  # the grid's floors
     assert t.values["paper"][~ours_only].notna().all().all()
@@ -217,7 +244,7 @@ def test_table_display_marks_missing_and_spread(runs):
     with_left = (_LEFT, "1", "left_cond/with_left")
     assert shown.loc[with_left, ("ours", "synthetic", "full", "psnr")] == "22.50 ± 0.71"
     assert shown.loc[(_WARP, "1", "left_cond/without_left"), ("ours", "synthetic", "full", "psnr")] == "21.00"
-    assert shown.loc[(_WARP, "25", "left_cond/without_left"), ("ours", "real", "full", "lpips")] == "—"
+    assert shown.loc[(_WARP, "25", "left_cond_diffusion/without_left"), ("ours", "real", "full", "lpips")] == "—"
     assert shown.loc[with_left, ("paper", "stereo4d", "full", "psnr")] == "26.2"
     assert shown.loc[with_left, ("paper", "ego4d", "full", "ms_ssim")] == "0.886"
     assert shown.loc[with_left, ("ours", "seeds", "", "")] == "2"
@@ -231,15 +258,17 @@ def test_table7_and_8_have_inside_regions(runs):
     assert t7.values.loc[row, ("ours", "synthetic", "inside", "psnr")] == pytest.approx(32.5)
     assert t7.values.loc[row, ("paper", "stereo4d", "inside", "lpips")] == 0.009
     t8 = analysis.build_table(runs, "8")
-    b = ("B Standard loss (1)", "1", "loss/B_standard_1")
+    b = ("B Standard loss (1)", "1", "loss/A_B_standard")
     assert t8.values.loc[b, ("paper", "ego4d", "inside", "psnr")] == 31.5
     assert t8.missing == ["loss/C_latent"]
 
 
 def test_table5_rows(runs):
     t = analysis.build_table(runs, "5")
-    a = ("A Standard loss (1)", "25", "loss/A_standard_25")
+    a = ("A Standard loss (1)", "25", "loss/A_B_standard")
     assert t.values.loc[a, ("ours", "real", "full", "psnr")] == pytest.approx(19.5)
+    b = ("B Standard loss (1)", "1", "loss/A_B_standard")  # the same run, tested at 1 step
+    assert t.values.loc[b, ("ours", "real", "full", "psnr")] == pytest.approx(18.5)
     assert t.values.loc[a, ("paper", "stereo4d", "full", "lpips")] == 0.215
     assert ours(t).loc[("C L_latent (2)", "1", "loss/C_latent")].isna().all()
     assert t.values.loc[("C L_latent (2)", "1", "loss/C_latent"), ("paper", "ego4d", "full", "lpips")] == 0.318
@@ -273,22 +302,46 @@ def test_table10_steps(runs):
     t = analysis.build_table(runs, "10")
     assert set(t.values.columns.get_level_values("metric")) == {"lpips"}
     e2e = "Fixed t=T · L_latent + L_LPIPS + L_L1"
-    one = (e2e, "1", "inference_steps/end_to_end_1")
-    assert t.values.loc[one, ("ours", "real", "full", "lpips")] == pytest.approx(0.265)
-    assert t.values.loc[(e2e, "25", "inference_steps/end_to_end_25"), ("paper", "stereo4d", "full", "lpips")] == 0.243
-    assert t.missing == ["inference_steps/end_to_end_25"]
+    one = (e2e, "1", "inference_steps/end_to_end")
+    assert t.values.loc[one, ("ours", "real", "full", "lpips")] == pytest.approx(0.265)  # seeds 0 and 1
+    five = (e2e, "5", "inference_steps/end_to_end")
+    assert t.values.loc[five, ("ours", "real", "full", "lpips")] == pytest.approx(0.28)
+    standard = "Sampling t · L_latent"
+    assert t.values.loc[(standard, "25", "inference_steps/standard"), ("ours", "synthetic", "full", "lpips")] == \
+        pytest.approx(0.3 - 0.015)  # one model's 25-step numbers
+    assert t.values.loc[(e2e, "25", "inference_steps/end_to_end"), ("paper", "stereo4d", "full", "lpips")] == 0.243
+    assert t.missing == ["inference_steps/end_to_end at 25 steps"]
 
 
-def test_steps_decide_the_row_for_left_cond(runs):
-    """A left_cond run evaluated at 25 steps lands in the 25-step row, not the 1-step one."""
-    extra = runs[runs.arm == "with_left"].copy()
-    extra["run_id"] = extra.run_id + "-25"
-    extra.loc[extra.metric == "steps", "value"] = 25.0
-    extra.loc[extra.metric == "psnr", "value"] -= 5
-    t = analysis.build_table(pd.concat([runs, extra]), "4")
+def test_steps_decide_the_row_for_left_cond(tmp_path):
+    """The 25-step rows come from the standard diffusion grid tested at [25, 1]: its 25-step numbers, not
+    its 1-step ones; the 1-step rows stay the end-to-end left_cond grid's."""
+    uri = fill_store(tmp_path, qualitative={}, scenario=[
+        ("left_cond_diffusion", "with_left", 0, [1.0, 4.0], [25, 1], "FINISHED"),
+        ("left_cond", "with_left", 0, 2.0, 1, "FINISHED")])
+    t = analysis.build_table(analysis.load_runs(uri), "4")
     col = ("ours", "synthetic", "full", "psnr")
-    assert t.values.loc[(_LEFT, "25", "left_cond/with_left"), col] == pytest.approx(17.5)
-    assert t.values.loc[(_LEFT, "1", "left_cond/with_left"), col] == pytest.approx(22.5)
+    assert t.values.loc[(_LEFT, "25", "left_cond_diffusion/with_left"), col] == pytest.approx(21.0)
+    assert t.values.loc[(_LEFT, "1", "left_cond/with_left"), col] == pytest.approx(22.0)
+
+
+def test_rows_measured_otherwise_than_the_paper_are_marked(runs):
+    """Our runs with the embedded default's metric settings carry what differs from the paper's; runs
+    measured as the paper (VGG LPIPS, released MS-SSIM, 512 px) carry nothing."""
+    paper_like = runs[runs.ablation == "loss"].assign(experiment="svd_xt", lpips_net="vgg", ms_ssim="released",
+                                                       eval_size="512")
+    t = analysis.build_table(pd.concat([runs, paper_like]), "5")
+    d = ("D L_latent + L_LPIPS + L_L1 (5)", "1", "loss/D_end_to_end")
+    assert t.settings.loc[d, "ours: tiny"] == "LPIPS alex, MS-SSIM per_frame, 64 px"
+    assert t.settings.loc[d, "ours: svd_xt"] == ""
+    shown = t.display()
+    assert shown.loc[d, ("ours: tiny", analysis.OTHER_SETTINGS, "", "")] == "LPIPS alex, MS-SSIM per_frame, 64 px"
+    assert "other metric settings than the paper's" in t.note()
+    assert t.settings.loc[("C L_latent (2)", "1", "loss/C_latent"), "ours: tiny"] == ""  # no runs: nothing to mark
+    latency = analysis.build_table(runs, "9")  # latency depends on the frame size only
+    assert set(latency.settings["ours"]) <= {"", "64 px"}
+    untagged = runs.assign(lpips_net=None)
+    assert analysis.build_table(untagged, "5").settings.loc[d, "ours"] == "not recorded"
 
 
 def test_several_experiments_stay_apart(runs):
@@ -364,12 +417,16 @@ def test_plot_ablation_bars_seeds_and_missing(runs):
     assert "missing" in [t.get_text() for t in ax.texts]  # without_full_attention
     assert len(ax.lines[-1].get_ydata()) == 2  # a dot per seed
     assert "no finished runs" in _texts(analysis.plot_ablation(runs.iloc[:0], "loss"))[0]
+    fig = analysis.plot_ablation(runs, "loss", metrics=("psnr",))  # one model tested at 25 and 1 steps: two bars
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[:2] == ["A_B_standard @ 1", "A_B_standard @ 25"]
+    assert [p.get_height() for p in fig.axes[0].patches][:2] == pytest.approx([20.5, 21.5])
 
 
 def test_plot_inference_steps_and_latency(runs):
     fig = analysis.plot_inference_steps(runs)
     assert len(fig.axes) == 3  # synthetic, real, paper
-    assert "end_to_end_25" in fig.get_suptitle()  # the missing arm is named
+    assert "end_to_end at 25 steps" in fig.get_suptitle()  # the missing step count is named
     lines = fig.axes[0].lines
     assert any(list(line.get_xdata()) == [1, 5, 25] for line in lines)  # the standard regime's three points
     paper_ax = fig.axes[-1]

@@ -83,3 +83,20 @@ def test_samples_do_not_depend_on_worker_count():
     workers = list(StereoDataModule(**{**TINY, "train_batches": 2, "num_workers": 2}).train_dataloader())
     for x, y in zip(ref, workers):
         assert torch.equal(x.left, y.left) and torch.equal(x.warped, y.warped) and x.meta == y.meta
+
+
+def test_data_splat_chooses_the_warp_of_the_pipeline():
+    """data.splat: released warps every clip with the release's scatter_image instead of the depth-tested splat."""
+    import pytest
+
+    from lightning_m2s.data.clip import make_clip
+    from lightning_m2s.errors import ConfigError
+
+    clips = {mode: StereoDataModule(**TINY, splat=mode).dataset("val")[0] for mode in ("nearest", "released")}
+    released, nearest = clips["released"], clips["nearest"]
+    assert torch.equal(released.left, nearest.left) and torch.equal(released.disparity, nearest.disparity)
+    again = make_clip(released.left, released.right, released.disparity[:, 0], close_kernel=5, splat="released")
+    assert torch.equal(again.warped, released.warped) and torch.equal(again.holes, released.holes)
+    assert not torch.equal(released.warped, nearest.warped)  # occlusions of the layered scene: another warp
+    with pytest.raises(ConfigError, match="data.splat"):
+        StereoDataModule(**TINY, splat="bilinear")

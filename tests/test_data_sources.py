@@ -222,3 +222,43 @@ def test_ego4d_released_warps(tmp_path, stereo_arrays):
     warped, mask = src.read_warp(0, [1, 4])
     np.testing.assert_array_equal(warped, right[[1, 4]])
     np.testing.assert_array_equal(mask, holes[[1, 4]])
+
+
+def test_stereo4d_flow_outliers_become_counted_holes(tmp_path, stereo_arrays):
+    """Negative-disparity outliers (occlusions, sky) are holes of the warp, counted per clip; a clip fails only
+    when more than max_outlier_fraction of its sampled pixels are outliers (a wrong flow sign, not noise)."""
+    from conftest import write_stereo4d_clip
+
+    from lightning_m2s.data.dataset import StereoClipDataset
+
+    left, right, disp = stereo_arrays
+    noisy = disp.copy()
+    noisy[:, 20:28, 30:40] = -6.0  # 80 outlier pixels per frame, 2% of each 64x64 frame
+    noisy[:, 0:4, 0:4] = -0.5  # noise within the tolerance: clamped to 0, not an outlier
+    write_stereo4d_clip(tmp_path / "noisy", "v1", left, right, noisy)
+    write_stereo4d_clip(tmp_path / "clean", "v1", left, right, disp)
+    _, _, d = Stereo4DSource(tmp_path / "noisy").read(0, [0, 5])
+    assert np.isnan(d[:, 20:28, 30:40]).all() and np.isnan(d).sum() == 2 * 80
+    assert (d[:, 0:4, 0:4] == 0).all()
+
+    def eval_clip(root):
+        ds = StereoClipDataset([Stereo4DSource(root)], train=False, eval_frames=4, eval_size=64, eval_fps=30.0,
+                               close_kernel=1)
+        return ds[0]
+
+    noisy_clip, clean = eval_clip(tmp_path / "noisy"), eval_clip(tmp_path / "clean")
+    assert noisy_clip.meta["disparity_outliers"] == 4 * 80 and noisy_clip.meta["disparity_pixels"] == 4 * 64 * 64
+    assert torch.isnan(noisy_clip.disparity).sum() == 4 * 80  # unknown where the flow was an outlier
+    assert torch.isfinite(noisy_clip.warped).all()
+    # the outliers landed nowhere: where only they would have landed, the warp has new holes
+    assert (noisy_clip.holes >= clean.holes).all() and noisy_clip.holes.sum() > clean.holes.sum()
+    assert clean.meta["disparity_outliers"] == 0
+
+    many = disp.copy()
+    many[:, :, :24] = -6.0  # 3/8 of every frame
+    write_stereo4d_clip(tmp_path / "bad", "v1", left, right, many)
+    with pytest.raises(DataError, match=r"v1-flows_stereo.pkl: 37.5% .*max_outlier_fraction 25.0%"):
+        Stereo4DSource(tmp_path / "bad").read(0, [0])
+    Stereo4DSource(tmp_path / "bad", max_outlier_fraction=0.5).read(0, [0])  # a documented, configurable bound
+    with pytest.raises(ConfigError, match="max_outlier_fraction"):
+        Stereo4DSource(tmp_path / "bad", max_outlier_fraction=2)

@@ -1,10 +1,11 @@
 """Every experiment file loads, and each runs one training step (the paper-scale one on stand-ins)."""
 
+import mlflow
 import pytest
 import torch
 from conftest import store_overrides, write_stereo4d_clip
 
-from lightning_m2s.config import EXPERIMENTS_DIR, load_config
+from lightning_m2s.config import EXPERIMENTS_DIR, load_config, to_container
 from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.models.refiner import build_refiner
 from lightning_m2s.modules import load_refiner
@@ -18,6 +19,7 @@ SMOKE = [
     "data.buckets=[{frames: 4, size: 32}]", "data.batch_size=1", "data.train_batches=1", "data.num_workers=0",
     "data.eval_frames=4", "data.eval_size=32", "data.val_clips=1", "data.test_clips=3",
     "module.eval.preview_clips=1",
+    "module.eval.ms_ssim=per_frame",  # svd_xt's released MS-SSIM needs frames > 160 px
 ]
 
 
@@ -50,14 +52,49 @@ def test_one_step_of_each_experiment(name, tmp_path):
     assert all(v == v for v in metrics.values())  # no NaN
 
 
+def test_paper_scale_experiment_is_set_up_as_released():
+    cfg = load_config("svd_xt")
+    assert cfg.module.eval.lpips_net == "vgg" and cfg.module.eval.ms_ssim == "released"
+    assert cfg.model.attention_policy == "bilinear" and cfg.data.splat == "released"
+    stereo4d = next(s for s in cfg.data.test_sources if s.name == "stereo4d")
+    assert stereo4d.warps == "released" and stereo4d.videos == "test.json"
+    # Validation every 5k optimiser steps, as the release: an epoch is train_batches per GPU over the accumulation.
+    every = cfg.data.train_batches // cfg.trainer.accumulate_grad_batches * cfg.trainer.check_val_every_n_epoch
+    assert every == 5000
+    line = next(t for t in (EXPERIMENTS_DIR / "svd_xt.yaml").read_text().splitlines() if "check_val_every_n_epoch" in t)
+    assert "every 5k" in line  # the comment says what the settings do
+
+
+def released_test_entry(root) -> str:
+    """svd_xt's own Stereo4D test entry (the release's warps and split file) with a stand-in root, as YAML."""
+    entry = {**to_container(load_config("svd_xt").data.test_sources[0]), "root": str(root)}
+    assert entry["warps"] == "released" and entry["videos"] == "test.json"
+    return "{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}"
+
+
 def test_paper_scale_experiment_runs_one_step_on_stand_ins(tmp_path, tiny_svd_dir, stereo_arrays):
+    """svd_xt on stand-ins in the real layouts: training clips warped by the release's splat from flows
+    with outliers (counted per epoch), the test set the release's own offline warps and its split file."""
+    from lightning_m2s.data.video_io import write_video
+    from lightning_m2s.geometry import released_splat
+
     left, right, disparity = stereo_arrays
-    for split in ("train", "val", "test"):
-        write_stereo4d_clip(tmp_path / split, f"{split}clip", left, right, disparity)
+    with_outliers = disparity.copy()
+    with_outliers[:, 10:14, 20:30] = -5.0  # 40 pixels per frame: holes of the warp, not an error
+    write_stereo4d_clip(tmp_path / "train", "trainclip", left, right, with_outliers)
+    write_stereo4d_clip(tmp_path / "val", "valclip", left, right, disparity)
+    test = tmp_path / "test"  # the release's layout: views, offline warps, test.json
+    write_stereo4d_clip(test, "testclip", left, right, disparity, nested=False)
+    warped, holes = released_splat(torch.from_numpy(left).permute(0, 3, 1, 2).float(), torch.from_numpy(disparity))
+    write_video(test / "reprojected" / "testclip.mp4", warped.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(),
+                30.0, lossless=True)
+    write_video(test / "reprojected_mask" / "testclip.mp4",
+                (holes[..., None] * 255).byte().expand(-1, -1, -1, 3).numpy(), 30.0, lossless=True)
+    (test / "test.json").write_text('["testclip"]')
     stand_ins = [
         f"model.pretrained={tiny_svd_dir}", f"data.train_sources=[{{name: stereo4d, root: {tmp_path / 'train'}}}]",
         f"data.val_sources=[{{name: stereo4d, root: {tmp_path / 'val'}}}]",
-        f"data.test_sources=[{{name: stereo4d, root: {tmp_path / 'test'}}}]",
+        f"data.test_sources=[{released_test_entry(test)}]",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true",
         "model.autocast_dtype=null", "data.pin_memory=false", "data.close_kernel=3", "trainer.accumulate_grad_batches=1",
         "data.train_fps=30", "data.eval_fps=30", "trainer.check_val_every_n_epoch=1",
@@ -65,6 +102,10 @@ def test_paper_scale_experiment_runs_one_step_on_stand_ins(tmp_path, tiny_svd_di
     cfg = load_config("svd_xt", SMOKE + stand_ins + store_overrides(tmp_path))
     metrics = train(cfg)  # its test stage reloads the best checkpoint
     assert "test/stereo4d/psnr" in metrics
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("m2s").experiment_id])
+    assert run.data.metrics["train/disparity_outliers"] == 4 * 40  # the epoch's one batch of 4 frames
+    assert run.data.tags["m2s.metrics.lpips_net"] == "vgg"
 
     # Checkpoints leave out the frozen pretrained weights; loading takes them from the directory again.
     last = output_dir(cfg) / "checkpoints" / "last.ckpt"

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -5,12 +7,14 @@ from skimage import data
 
 from lightning_m2s.errors import GeometryError, M2SError
 from lightning_m2s.geometry import (
+    _released_torch,
     _splat_torch,
     close_mask,
     depth_to_disparity,
     dilate_mask,
     forward_splat,
     mask_to_latent,
+    released_splat,
     splat_reference,
 )
 
@@ -92,6 +96,61 @@ def test_middlebury_pair_warps_onto_its_right_view():
     assert unwarped > 3 * err
     # Disocclusions exist but are a minority of the frame.
     assert 0.01 < holes.float().mean().item() < 0.3
+
+
+def released_reference(image: np.ndarray, disparity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The release's scatter_image, pixel by pixel: image [C, H, W], disparity [H, W]. Each pixel writes
+    w * colour and w to its two columns, x - floor(d) (w = 1 - frac) and x - floor(d) - 1 (w = frac); in each
+    of the two a later write replaces an earlier one; the two add up and are normalised."""
+    C, H, W = image.shape
+    colour = [np.zeros((C, H, W)), np.zeros((C, H, W))]
+    weight = [np.zeros((H, W)), np.zeros((H, W))]
+    for y in range(H):
+        for x in range(W):
+            d = float(disparity[y, x])
+            whole = math.floor(d)
+            for k, (col, w) in enumerate(((x - whole, 1.0 - (d - whole)), (x - whole - 1, d - whole))):
+                if 0 <= col < W:
+                    colour[k][:, y, col] = w * image[:, y, x]
+                    weight[k][y, col] = w
+    acc, total = colour[0] + colour[1], weight[0] + weight[1]
+    holes = total <= 0
+    out = np.zeros_like(acc)
+    out[:, ~holes] = acc[:, ~holes] / total[~holes]
+    return out, holes
+
+
+def test_released_splat_matches_the_per_pixel_algorithm_on_a_real_frame():
+    left, _, disparity = data.stereo_motorcycle()  # a real photograph with its real (sub-pixel) disparity
+    rows = slice(180, 220)  # a strip of full-width rows keeps the Python loop to about a second
+    image = torch.from_numpy(left[rows]).permute(2, 0, 1).float()
+    disp = torch.from_numpy(np.where(np.isfinite(disparity[rows]), disparity[rows], 0.0).astype(np.float32))
+    ref, ref_holes = released_reference(image.numpy(), disp.numpy())
+    assert 0.01 < ref_holes.mean() < 0.5
+    for warped, holes in (released_splat(image, disp), _released_torch(image, disp)):  # compiled and vectorised
+        assert np.array_equal(holes.numpy(), ref_holes)
+        assert np.abs(warped.numpy() - ref).max() < 1e-3  # of 0..255
+    clip = torch.stack([image, image.flip(-1)])  # frames of a clip are independent
+    warped, holes = released_splat(clip, torch.stack([disp, disp]))
+    ref1, holes1 = released_reference(clip[1].numpy(), disp.numpy())
+    assert np.array_equal(holes[1].numpy(), holes1) and np.abs(warped[1].numpy() - ref1).max() < 1e-3
+
+
+def test_released_splat_has_no_depth_test_and_a_later_write_wins():
+    image = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]])  # [C, H, W] = [1, 1, 6]
+    disparity = torch.tensor([[0.0, 0.0, 0.5, 2.25, 0.0, 0.0]])
+    warped, holes = released_splat(image, disparity)
+    # column 1: x=1 (d 0) is replaced by the later x=3 (weight .75); x=2's other tap (weight .5, d 0.5, far
+    # behind x=3) still adds: (.75 * 4 + .5 * 3) / 1.25. Column 3: only x=4's zero-weight tap: a hole.
+    assert torch.allclose(warped[0, 0], torch.tensor([1.6, 3.6, 3.0, 0.0, 5.0, 6.0]))
+    assert holes[0].tolist() == [False, False, False, True, False, False]
+    nearest, _ = forward_splat(image, disparity)
+    assert nearest[0, 0, 1] == 4.0  # the depth test keeps the nearest surface alone
+    vectorised, _ = _released_torch(image, disparity)
+    assert torch.allclose(vectorised, warped)
+    grad_image = image.clone().requires_grad_(True)
+    released_splat(grad_image, disparity)[0].sum().backward()  # the torch path: differentiable
+    assert grad_image.grad.abs().sum() > 0
 
 
 def test_non_finite_disparity_is_rejected():

@@ -17,6 +17,7 @@ from lightning_m2s.metrics import (
     temporal_error,
     to_unit,
     video_ms_ssim,
+    video_ms_ssim_released,
     video_psnr,
 )
 
@@ -205,3 +206,35 @@ def test_keys_and_validation():
         StereoMetrics(reduction="dataset")
     with pytest.raises(ConfigError, match="ms_ssim_scales"):
         StereoMetrics(ms_ssim_scales=7)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping Gaussian Smoothing")  # the direct pytorch_msssim call below
+def test_released_ms_ssim_spans_time_as_the_release():
+    """module.eval.ms_ssim: released: pytorch_msssim on the 5-D video [B, 3, T, H, W], so its window runs over
+    time too: reordering the frames of both videos changes it, while per-frame MS-SSIM cannot see the order."""
+    from pytorch_msssim import ms_ssim
+
+    gt = real_video(176, frames=12)  # the library needs frames > 160 px; 12 frames >= the 11-tap window
+    pred = noisy(gt, 0.1)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    released = video_ms_ssim_released(to_unit(pred), to_unit(gt))
+    shuffled = video_ms_ssim_released(to_unit(pred[:, order]), to_unit(gt[:, order]))
+    assert abs(float(released - shuffled)) > 1e-3
+    per_frame = video_ms_ssim(to_unit(pred), to_unit(gt), scales=5)
+    reordered = video_ms_ssim(to_unit(pred[:, order]), to_unit(gt[:, order]), scales=5)
+    assert float(per_frame) == pytest.approx(float(reordered))
+    assert float(released) != pytest.approx(float(per_frame), abs=1e-3)
+    five_d = ms_ssim(to_unit(pred).transpose(1, 2), to_unit(gt).transpose(1, 2), data_range=1.0)
+    assert float(released) == pytest.approx(float(five_d), abs=1e-6)  # exactly the release's call
+    # Through StereoMetrics, per video and with the release's batch reduction (its videos averaged).
+    both_pred, both_gt = torch.cat([pred, gt]), torch.cat([gt, gt])
+    m = StereoMetrics(lpips_net=None, ms_ssim_mode="released")
+    m.update(both_pred, both_gt, square_mask(both_gt, 40, 90))
+    assert m.per_video()["ms_ssim"] == pytest.approx([float(released), 1.0], abs=1e-5)
+    b = StereoMetrics(lpips_net=None, ms_ssim_mode="released", reduction="batch")
+    b.update(both_pred, both_gt, square_mask(both_gt, 40, 90))
+    assert b.compute()["ms_ssim"] == pytest.approx((float(released) + 1.0) / 2, abs=1e-5)
+    with pytest.raises(DataError, match="160 px"):
+        video_ms_ssim_released(to_unit(gt[..., :64, :64]), to_unit(gt[..., :64, :64]))
+    with pytest.raises(ConfigError, match="module.eval.ms_ssim"):
+        StereoMetrics(lpips_net=None, ms_ssim_mode="3d")

@@ -40,7 +40,7 @@ def test_euler_matches_diffusers(steps):
         out = model_fn(sched.scale_model_input(x, t), t)
         x = sched.step(out, t, x).prev_sample
     den = Denoiser(lambda x_in, c_noise, cond: model_fn(x_in, c_noise))
-    mine = den.sample(x.shape, None, steps)
+    mine = den.sample(x.shape, None, steps, noise=torch.zeros_like(x))  # the same start as the loop above
     assert torch.allclose(mine, x, atol=1e-4, rtol=1e-4)
     if steps == 1:
         one = den.predict_one_step(x.shape, None)
@@ -79,3 +79,15 @@ def test_losses_shapes_and_zero_at_perfect_prediction():
     assert latent.shape == (2,) and latent.max() < 1e-10
     with pytest.raises(ValueError):
         Denoiser(lambda *a: None, sigma_min=1.0, sigma_max=0.5)
+
+
+def test_sampling_starts_from_noise_never_from_zeros():
+    """Multi-step sampling without a given noise draws it (seeded): from a zero latent it would only follow
+    the mean. Eq. 4's one step from zeros is predict_one_step, not this sampler."""
+    den = Denoiser(lambda x_in, c_noise, cond: model_fn(x_in, c_noise))
+    shape = (1, 2, 4, 4)
+    drawn = den.sample(shape, None, 5, generator=torch.Generator().manual_seed(3))
+    given = den.sample(shape, None, 5, noise=torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(drawn, given)
+    assert not torch.allclose(drawn, den.sample(shape, None, 5, noise=torch.zeros(shape)), atol=1e-3)
+    assert not torch.allclose(drawn, den.sample(shape, None, 5, generator=torch.Generator().manual_seed(4)), atol=1e-3)

@@ -47,7 +47,7 @@ def test_one_step_is_c_out_times_v_and_sample_one_step_equal(model):
         _, c_out, _, c_noise = edm_scalings(torch.tensor([700.0]))
         v = model._network(torch.zeros(cond.latent_shape), c_noise.float(), cond)
         assert torch.allclose(one, c_out.float() * v, atol=1e-6)
-        assert torch.allclose(model.sample(cond, 1), one, atol=1e-6)
+        assert torch.allclose(model.sample(cond, 1, noise=torch.zeros(cond.latent_shape)), one, atol=1e-6)
         assert model.sample(cond, 5).shape == one.shape
 
 
@@ -71,6 +71,14 @@ def test_left_condition_off_and_full_attention_off():
     assert cond.latents.shape[2] == 5 and model.unet.conv_in.in_channels == 9
     assert model.attention is None and cond.hole_mask is None
     assert model.predict(left, warped, mask).shape == left.shape
+    # several steps start from seeded noise, never from a zero latent
+    with torch.no_grad():
+        five = model.predict(left, warped, mask, steps=5, seed=0)
+        assert torch.equal(five, model.predict(left, warped, mask, steps=5, seed=0))
+        assert not torch.allclose(five, model.predict(left, warped, mask, steps=5, seed=1))
+        cond = model.build_conditioning(left, warped, mask, cond_aug=model.cond_aug_eval)
+        from_zeros = model.decode(model.sample(cond, 5, noise=torch.zeros(cond.latent_shape)))
+        assert not torch.allclose(five, from_zeros)
 
 
 def test_full_attention_changes_output_only_inside_clip_context():

@@ -1,5 +1,6 @@
 """Training variants end to end on the debug experiment: tracking, checkpoints, resume, NaN stop, DDP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,13 +11,14 @@ import pytest
 import torch
 from conftest import store_overrides
 
-from lightning_m2s.config import load_config
+from lightning_m2s.config import load_config, to_container
 from lightning_m2s.data.clip import collate_clips, make_clip
+from lightning_m2s.data.datamodule import StereoDataModule
 from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.modules import load_refiner
 from lightning_m2s.modules.base import NonFiniteLossError, replace_frames_with_truth
 from lightning_m2s.modules.baselines import background_side_fill
-from lightning_m2s.train import train
+from lightning_m2s.train import build_module, train
 
 FAST = ["trainer.enable_progress_bar=false", "data.val_clips=1", "module.eval.preview_clips=1"]
 
@@ -48,6 +50,46 @@ def test_each_variant_trains_evaluates_and_is_tracked(variant, tmp_path):
     checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
     refiner, eval_cfg = load_refiner(str(checkpoint))  # a checkpoint of any variant gives the model back
     assert eval_cfg["steps"] == 2 and not refiner.training
+
+
+def test_one_trained_model_is_tested_at_several_step_counts(tmp_path):
+    """module.eval.steps=[2, 1]: one training, then every count on the same test clips, each logged by name;
+    the plain names (what sweeps' objectives read) are the first count's."""
+    overrides = FAST + store_overrides(tmp_path) + ["module.variant=standard_diffusion", "module.eval.steps=[2, 1]"]
+    metrics = train(load_config("debug", overrides))
+    for dataset in ("synthetic", "real"):
+        for n in (1, 2):
+            assert np.isfinite(metrics[f"test/{dataset}/steps{n}/lpips"])
+        assert metrics[f"test/{dataset}/psnr"] == metrics[f"test/{dataset}/steps2/psnr"]
+        assert metrics[f"test/{dataset}/steps1/psnr"] != metrics[f"test/{dataset}/steps2/psnr"]
+    assert metrics["test/steps"] == 2 and metrics["test/steps1/latency_s"] > 0 and metrics["test/steps2/latency_s"] > 0
+    assert not any("/steps1/" in k for k in metrics if k.startswith("val/"))  # validation: the first count only
+    _, runs = _runs(tmp_path)
+    assert "test/synthetic/steps1/psnr" in runs[0].data.metrics
+    assert runs[0].data.tags["m2s.metrics.lpips_net"] == "alex" and runs[0].data.tags["m2s.metrics.eval_size"] == "32"
+    per_clip = json.loads((tmp_path / "out" / "test_per_clip.json").read_text())
+    assert [r["psnr"] for r in per_clip["rows"]] == [r["psnr"] for r in per_clip["by_steps"]["2"]]
+    assert len(per_clip["by_steps"]["1"]) == len(per_clip["rows"]) == 2
+    _, eval_cfg = load_refiner(str(tmp_path / "out" / "checkpoints" / "last.ckpt"))
+    assert eval_cfg["steps"] == 2  # inference (m2s convert) uses the first count
+    for bad in ("[0]", "[1, 1]", "[]"):
+        with pytest.raises(ConfigError, match="module.eval.steps"):
+            build_module(load_config("debug", [f"module.eval.steps={bad}"]))
+
+
+def test_end_to_end_lpips_passes_gradients_through_saturated_pixels():
+    """The LPIPS term sees the prediction clamped to [-1, 1], but saturated pixels keep their gradient (a
+    straight-through clamp): with every decoded pixel above 1 a hard clamp would leave the UNet none."""
+    module = build_module(load_config("debug", ["module.loss.latent_weight=0", "module.loss.l1_weight=0"]))
+    batch = collate_clips([StereoDataModule(**to_container(load_config("debug").data)).dataset("test")[0]])
+    decode = module.model.decode
+    module.model.decode = lambda latent, *args: decode(latent, *args) + 10.0  # every pixel far beyond 1
+    loss, parts = module.compute_loss(batch)
+    right = batch.right.flatten(0, 1)
+    clamped = float(module._lpips(torch.ones_like(right), right).mean())  # what LPIPS of the clamped video is
+    assert float(parts["lpips"].detach()) == pytest.approx(clamped, rel=1e-5)
+    loss.backward()
+    assert module.model.unet.conv_in.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", ["warp_only", "classical_fill"])
@@ -103,6 +145,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_into_the_same_run(tmp_path)
     assert ckpt["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "lightning_m2s.cli", "train", "debug", "trainer.devices=2", "trainer.strategy=ddp",
            "trainer.max_steps=2", *FAST, *store_overrides(tmp_path)]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_m2s.geometry import close_mask, forward_splat
+from lightning_m2s.geometry import SPLATS, close_mask
 
 
 @dataclass
@@ -26,7 +26,7 @@ class StereoClip:
     left: torch.Tensor  # [T, 3, H, W] float in [-1, 1]
     right: torch.Tensor  # [T, 3, H, W] ground-truth right view
     warped: torch.Tensor  # [T, 3, H, W] left splatted to the right view, -1 under `mask`
-    disparity: torch.Tensor  # [T, 1, H, W] float pixels, left view (NaN: a precomputed warp's, unknown)
+    disparity: torch.Tensor  # [T, 1, H, W] float pixels, left view (NaN: unknown, e.g. a precomputed warp's)
     holes: torch.Tensor  # [T, 1, H, W] bool, raw splat holes
     mask: torch.Tensor  # [T, 1, H, W] bool, holes closed (disocclusion mask M)
     meta: Any = field(default_factory=dict)  # dict (one clip) or list of dicts (batch)
@@ -49,16 +49,19 @@ def make_clip(
     meta: dict | None = None,
     close_kernel: int = 11,
     warp: tuple[torch.Tensor, torch.Tensor] | None = None,
+    splat: str = "nearest",
 ) -> StereoClip:
     """Warp `left` with `disparity` and build the sample.
 
-    left, right: float `[T, 3, H, W]` in [-1, 1]; disparity: float `[T, H, W]` pixels of these images.
-    Warping happens here, in the pipeline, so ground-truth and estimated disparity go through the same code.
+    left, right: float `[T, 3, H, W]` in [-1, 1]; disparity: float `[T, H, W]` pixels of these images,
+    NaN where a source has none (Stereo4D's flow outliers): those pixels land nowhere, so what they
+    would have covered is a hole. Warping happens here, in the pipeline, so ground-truth and estimated
+    disparity go through the same code; `splat` names the algorithm (geometry.SPLATS).
     warp: a precomputed (warped float [T, 3, H, W], holes bool [T, H, W]) instead (the M2SVid release's
     offline warps); the disparity is then unknown and NaN.
     """
     if warp is None:
-        warped, holes = forward_splat(left, disparity)  # [T, 3, H, W], [T, H, W]
+        warped, holes = SPLATS[splat](left, _landing_nowhere(disparity))  # [T, 3, H, W], [T, H, W]
     else:
         warped, holes = warp
         disparity = torch.full(holes.shape, float("nan"))
@@ -73,6 +76,16 @@ def make_clip(
         mask=mask[:, None],
         meta=dict(meta or {}),
     )
+
+
+def _landing_nowhere(disparity: torch.Tensor) -> torch.Tensor:
+    """Disparity whose NaN pixels are sent two columns left of the frame (x - d = -2), where neither tap of
+    any splat lands: they write nothing."""
+    unknown = torch.isnan(disparity)
+    if not unknown.any():
+        return disparity
+    x = torch.arange(disparity.shape[-1], dtype=disparity.dtype, device=disparity.device)
+    return torch.where(unknown, x + 2, disparity)
 
 
 def collate_clips(clips: list[StereoClip]) -> StereoClip:

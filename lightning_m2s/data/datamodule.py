@@ -11,6 +11,7 @@ from lightning_m2s.data.buckets import BucketBatchSampler, parse_buckets
 from lightning_m2s.data.clip import collate_clips
 from lightning_m2s.data.dataset import StereoClipDataset, build_sources
 from lightning_m2s.errors import ConfigError
+from lightning_m2s.geometry import SPLATS
 
 # Embedded default (CPU, minutes): procedural scenes for training, with mild disparity errors so the
 # warped view carries artifacts the left view can fix; evaluation on held-out scenes (other seeds) and
@@ -55,6 +56,7 @@ class StereoDataModule(L.LightningDataModule):
         val_clips: int | None = None,
         test_clips: int | None = None,
         close_kernel: int = 11,
+        splat: str = "nearest",
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 23,
@@ -70,6 +72,9 @@ class StereoDataModule(L.LightningDataModule):
             )
         if close_kernel < 0 or (close_kernel > 1 and close_kernel % 2 == 0):
             raise ConfigError(f"data.close_kernel must be odd (or 0/1 for none), got {close_kernel}")
+        if splat not in SPLATS:
+            raise ConfigError(f"data.splat {splat!r} must be one of {sorted(SPLATS)}")
+        self.splat = splat
         lo, hi = crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
@@ -90,7 +95,7 @@ class StereoDataModule(L.LightningDataModule):
             clips = {"val": self.val_clips, "test": self.test_clips}.get(split)
             self._datasets[split] = StereoClipDataset(
                 sources, weights, train=split == "train", fps=self.train_fps, crop_scale=self.crop_scale,
-                close_kernel=self.close_kernel, eval_clips=clips, caps=caps, **self.eval,
+                close_kernel=self.close_kernel, eval_clips=clips, caps=caps, splat=self.splat, **self.eval,
             )
         return self._datasets[split]
 

@@ -15,6 +15,7 @@ from lightning_m2s.data.transforms import (
     center_crop_box, crop_resize, crop_resize_warp, random_resized_crop_box, sample_frame_indices,
 )
 from lightning_m2s.errors import ConfigError
+from lightning_m2s.geometry import SPLATS
 
 
 def build_sources(entries: Sequence[dict], key: str) -> tuple[list[StereoSource], list[float], list[int | None]]:
@@ -60,6 +61,7 @@ class StereoClipDataset(Dataset):
         eval_fps: float = 5.0,
         eval_clips: int | None = None,
         caps: Sequence[int | None] | None = None,
+        splat: str = "nearest",
     ):
         if not sources:
             raise ConfigError("a dataset needs at least one source")
@@ -71,6 +73,9 @@ class StereoClipDataset(Dataset):
             raise ConfigError(f"train fps must be a number or a range [lo, hi] with 0 < lo <= hi, got {fps}")
         self.crop_scale = tuple(crop_scale)
         self.close_kernel = int(close_kernel)
+        if splat not in SPLATS:
+            raise ConfigError(f"data.splat {splat!r} must be one of {sorted(SPLATS)}")
+        self.splat = splat
         self.eval_frames, self.eval_fps = int(eval_frames), float(eval_fps)
         self.eval_size = (eval_size, eval_size) if isinstance(eval_size, int) else tuple(eval_size)
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources])  # global index -> (source, item)
@@ -129,6 +134,9 @@ class StereoClipDataset(Dataset):
             "crop": (box.top, box.left, box.height, box.width),
             "disparity_scale": size[1] / box.width,  # output pixels per source pixel
             "seed": seed,
+            # pixels of the read frames without a disparity (a source's outliers: holes), and of all
+            "disparity_outliers": 0 if disparity is None else int(np.isnan(disparity).sum()),
+            "disparity_pixels": 0 if disparity is None else int(disparity.size),
         }
         with torch.no_grad():
-            return make_clip(left_t, right_t, disp_t, meta, self.close_kernel, warp=warp_t)
+            return make_clip(left_t, right_t, disp_t, meta, self.close_kernel, warp=warp_t, splat=self.splat)

@@ -234,9 +234,12 @@ class StereoRefiner(nn.Module):
         """Paper Eq. 4: the clean latent from a zero latent at sigma_max, [B, T, 4, h, w] (scaled space)."""
         return self.denoiser.predict_one_step(cond.latent_shape, cond, device=cond.latents.device)
 
-    def sample(self, cond: StereoCondition, steps: int, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Euler EDM sampling with `steps` steps (1 = predict_one_step) from zeros, or from `noise`."""
-        return self.denoiser.sample(cond.latent_shape, cond, steps, noise=noise, device=cond.latents.device)
+    def sample(self, cond: StereoCondition, steps: int, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Euler EDM sampling with `steps` steps from `noise` [B, T, 4, h, w], or from noise drawn with
+        `generator` (never from zeros; see Denoiser.sample)."""
+        return self.denoiser.sample(cond.latent_shape, cond, steps, noise=noise, device=cond.latents.device,
+                                    generator=generator)
 
     # --- VAE ----------------------------------------------------------------------------------------
     def encode_target(self, right: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
@@ -250,10 +253,15 @@ class StereoRefiner(nn.Module):
             return self.vae.decode(latent, decode_chunk_size).float()
 
     @torch.no_grad()
-    def predict(self, left, warped, mask, fps_id=5, steps: int = 1) -> torch.Tensor:
-        """Inference: right view [B, T, 3, H, W] from left, warped and mask (eval cond_aug)."""
-        cond = self.build_conditioning(left, warped, mask, fps_id=fps_id, cond_aug=self.cond_aug_eval)
-        latent = self.predict_one_step(cond) if steps == 1 else self.sample(cond, steps)
+    def predict(self, left, warped, mask, fps_id=5, steps: int = 1, seed: int = 0) -> torch.Tensor:
+        """Inference: right view [B, T, 3, H, W] from left, warped and mask (eval cond_aug); its noise (the
+        condition's augmentation, the start of several steps) is seeded by `seed`."""
+        cond = self.build_conditioning(left, warped, mask, fps_id=fps_id, cond_aug=self.cond_aug_eval,
+                                       generator=torch.Generator().manual_seed(seed))
+        if steps == 1:
+            latent = self.predict_one_step(cond)
+        else:
+            latent = self.sample(cond, steps, generator=torch.Generator().manual_seed(seed))
         return self.decode(latent)
 
 

@@ -22,7 +22,8 @@ DATASET_NAMES = {"image_pairs": "real"}
 OPTIM_DEFAULTS = dict(lr=1e-4, weight_decay=0.01, betas=(0.9, 0.999))
 LONG_VIDEO_DEFAULTS = dict(probability=0.0, distribution="uniform", positions="first")
 LONG_VIDEO_POSITIONS = ("first", "random", "either")
-EVAL_DEFAULTS = dict(steps=1, lpips_net="alex", preview_clips=2)
+# steps: one count or a list, all evaluated on the same trained model at test (validation uses the first).
+EVAL_DEFAULTS = dict(steps=1, lpips_net="alex", ms_ssim="per_frame", preview_clips=2)
 # One set of loss settings for all variants; each uses its own: standard_diffusion the sigma sampling
 # (EDM log-normal, Hi3D's), end_to_end the Eq. 5 weights (released: each 1.0, LPIPS with VGG16).
 LOSS_DEFAULTS = dict(p_mean=1.0, p_std=1.6, latent_weight=1.0, l1_weight=1.0, lpips_weight=1.0, lpips_net="vgg")
@@ -39,6 +40,16 @@ def dataset_name(meta: dict) -> str:
 def clip_id(meta: dict) -> str:
     """A test clip's identity, the key that pairs clips across runs: video and first frame."""
     return f"{meta.get('video')}@{meta.get('start_frame')}"
+
+
+def eval_steps(steps, key: str = "module.eval.steps") -> list[int]:
+    """module.eval.steps (an int or a list of them) -> the distinct step counts, in the given order."""
+    counts = list(steps) if isinstance(steps, (list, tuple)) else [steps]
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ConfigError(f"{key} must be a step count >= 1 or a non-empty list of them, got {steps!r}")
+    if len(set(counts)) != len(counts):
+        raise ConfigError(f"{key} lists a step count twice: {steps!r}")
+    return counts
 
 
 def replace_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoClip:
@@ -65,10 +76,11 @@ class StereoModule(L.LightningModule):
         long_video: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # kept in checkpoints; MLflow gets the whole config once (tracking.log_config)
         self.optim = _with_defaults(OPTIM_DEFAULTS, optim, "optim")
         self.loss_cfg = _with_defaults(LOSS_DEFAULTS, loss, "module.loss")
         self.eval_cfg = _with_defaults(EVAL_DEFAULTS, eval, "module.eval")
+        self.eval_steps = eval_steps(self.eval_cfg["steps"])
         self.long_video = _with_defaults(LONG_VIDEO_DEFAULTS, long_video, "module.long_video")
         if self.long_video["distribution"] not in ("uniform", "exponential"):
             raise ConfigError("module.long_video.distribution must be uniform or exponential")
@@ -77,26 +89,26 @@ class StereoModule(L.LightningModule):
         self.model: StereoRefiner | None = build_refiner(**(model or {})) if self.trains else None
         # Checkpoints may omit frozen weights that the config reloads (see on_save_checkpoint).
         self.strict_loading = False
-        self.metrics: dict[str, StereoMetrics] = {}  # '<stage>/<dataset>' -> metric, made on first use
-        self.latencies: list[float] = []
+        self.metrics: dict[tuple, StereoMetrics] = {}  # (stage, dataset, steps) -> metric, made on first use
+        self.latencies: dict[int, list[float]] = {}  # steps -> seconds per 16-frame clip
         self.previews: list[dict[str, Any]] = []  # first clips per dataset of the last evaluation (media callback)
-        self.clip_ids: dict[str, list[str]] = {}  # '<stage>/<dataset>' -> clip ids in metric-update order
-        self.per_clip: list[dict[str, Any]] = []  # the last test pass: one row per clip (dataset, clip, metrics)
+        self.clip_ids: dict[tuple, list[str]] = {}  # (stage, dataset, steps) -> clip ids in metric-update order
+        self.per_clip: list[dict[str, Any]] = []  # the last test pass at the first step count: one row per clip
+        self.per_clip_by_steps: dict[int, list[dict[str, Any]]] = {}  # every step count's rows (several only)
 
     # --- what a variant defines ----------------------------------------------------------------
     def compute_loss(self, batch: StereoClip) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(scalar loss, parts to log) for one training or validation batch."""
         raise NotImplementedError
 
-    def predict_latent(self, cond, seed: int = 0) -> torch.Tensor:
-        """The right view's latent at evaluation: Eq. 4 (one step from a zero latent), or eval.steps Euler
-        steps from seeded noise (multi-step sampling starts from noise; from zeros it would only follow
-        the mean and never sharpen)."""
-        steps = int(self.eval_cfg["steps"])
+    def predict_latent(self, cond, seed: int = 0, steps: int | None = None) -> torch.Tensor:
+        """The right view's latent at evaluation: Eq. 4 (one step from a zero latent), or `steps` (default:
+        the first of eval.steps) Euler steps from seeded noise (multi-step sampling starts from noise;
+        from zeros it would only follow the mean and never sharpen)."""
+        steps = self.eval_steps[0] if steps is None else steps
         if steps == 1:
             return self.model.predict_one_step(cond)
-        noise = torch.randn(cond.latent_shape, generator=torch.Generator().manual_seed(seed))
-        return self.model.sample(cond, steps, noise=noise)
+        return self.model.sample(cond, steps, generator=torch.Generator().manual_seed(seed))
 
     # --- shared pieces ------------------------------------------------------------------------
     def conditioning(self, batch: StereoClip, eval_mode: bool = False, generator: torch.Generator | None = None):
@@ -105,12 +117,13 @@ class StereoModule(L.LightningModule):
         return self.model.build_conditioning(batch.left, batch.warped, batch.mask, fps_id=fps, cond_aug=cond_aug,
                                              generator=generator)
 
-    def predict_video(self, batch: StereoClip, seed: int = 0) -> torch.Tensor:
-        """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch. Its noise (the condition
-        augmentation, multi-step sampling) comes from `seed` alone, never the global RNG: the same
-        weights score the same before and after a resume."""
+    def predict_video(self, batch: StereoClip, seed: int = 0, steps: int | None = None) -> torch.Tensor:
+        """The right view [B, T, 3, H, W] in [-1, 1] for an evaluation batch at `steps` (default: the
+        first of eval.steps). Its noise (the condition augmentation, multi-step sampling) comes from
+        `seed` alone, never the global RNG: the same weights score the same before and after a resume,
+        and every step count sees the same condition."""
         cond = self.conditioning(batch, eval_mode=True, generator=torch.Generator().manual_seed(seed))
-        return self.model.decode(self.predict_latent(cond, seed)).clamp(-1, 1)
+        return self.model.decode(self.predict_latent(cond, seed, steps)).clamp(-1, 1)
 
     def _long_video_augment(self, batch: StereoClip) -> StereoClip:
         """With `probability` per batch, n frames of every clip become known (one n per batch, as the
@@ -128,10 +141,24 @@ class StereoModule(L.LightningModule):
         known = order.argsort(dim=1) < n  # [B, T]: the n frames ranked first
         return replace_frames_with_truth(batch, known.to(batch.left.device))
 
-    def _metric(self, stage: str, dataset: str) -> StereoMetrics:
-        key = f"{stage}/{dataset}"
+    def _stage_steps(self, stage: str) -> list[int]:
+        """The step counts a pass evaluates: all of eval.steps at test, the first at validation (the
+        checkpoint's selection needs one), one pass for the training-free baselines."""
+        return self.eval_steps if stage == "test" and self.trains else self.eval_steps[:1]
+
+    def _metric_names(self, stage: str, dataset: str, steps: int) -> list[str]:
+        """Prefixes of one pass's metrics: `<stage>/<dataset>` for the first step count (what sweeps'
+        objectives and every older consumer read) and, with several, `<stage>/<dataset>/steps<N>` each."""
+        names = [f"{stage}/{dataset}"] if steps == self.eval_steps[0] else []
+        if len(self._stage_steps(stage)) > 1:
+            names.append(f"{stage}/{dataset}/steps{steps}")
+        return names
+
+    def _metric(self, stage: str, dataset: str, steps: int) -> StereoMetrics:
+        key = (stage, dataset, steps)
         if key not in self.metrics:
-            self.metrics[key] = StereoMetrics(lpips_net=self.eval_cfg["lpips_net"]).to(self.device)
+            self.metrics[key] = StereoMetrics(lpips_net=self.eval_cfg["lpips_net"],
+                                              ms_ssim_mode=self.eval_cfg["ms_ssim"]).to(self.device)
         return self.metrics[key]
 
     def _dataset_names(self, stage: str) -> list[str]:
@@ -155,23 +182,34 @@ class StereoModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=B)
+        # Pixels without a disparity (Stereo4D's flow outliers, warped as holes): counted per epoch
+        outliers = sum(m.get("disparity_outliers", 0) for m in batch.meta)
+        pixels = sum(m.get("disparity_pixels", 0) for m in batch.meta)
+        self.log("train/disparity_outliers", float(outliers), on_step=False, on_epoch=True, reduce_fx="sum",
+                 batch_size=B, sync_dist=True)
+        self.log("train/disparity_outlier_fraction", outliers / max(pixels, 1), on_step=False, on_epoch=True,
+                 batch_size=B, sync_dist=True)
         return loss
 
     def _evaluate(self, batch: StereoClip, batch_idx: int, stage: str) -> None:
-        _synchronize(self.device)
-        start = time.perf_counter()
-        pred = self.predict_video(batch, seed=batch_idx)
-        _synchronize(self.device)  # GPU kernels run asynchronously: time their completion
-        seconds = time.perf_counter() - start
-        T = batch.left.shape[1]
-        self.latencies.append(seconds / batch.left.shape[0] * 16 / T)  # per 16-frame clip
+        for steps in self._stage_steps(stage):  # one trained model, every step count on the same clips
+            _synchronize(self.device)
+            start = time.perf_counter()
+            pred = self.predict_video(batch, seed=batch_idx, steps=steps)
+            _synchronize(self.device)  # GPU kernels run asynchronously: time their completion
+            seconds = time.perf_counter() - start
+            T = batch.left.shape[1]
+            self.latencies.setdefault(steps, []).append(seconds / batch.left.shape[0] * 16 / T)  # per 16-frame clip
+            self._score(batch, pred, stage, steps, previews=steps == self.eval_steps[0])
+
+    def _score(self, batch: StereoClip, pred: torch.Tensor, stage: str, steps: int, previews: bool) -> None:
         for i, meta in enumerate(batch.meta):
             if meta.get("padding"):  # a DDP rank's filler: scored on the rank that owns the clip
                 continue
             dataset = dataset_name(meta)
-            self._metric(stage, dataset).update(pred[i : i + 1], batch.right[i : i + 1], batch.mask[i : i + 1])
-            self.clip_ids.setdefault(f"{stage}/{dataset}", []).append(clip_id(meta))
-            if sum(p["dataset"] == dataset for p in self.previews) < self.eval_cfg["preview_clips"]:
+            self._metric(stage, dataset, steps).update(pred[i : i + 1], batch.right[i : i + 1], batch.mask[i : i + 1])
+            self.clip_ids.setdefault((stage, dataset, steps), []).append(clip_id(meta))
+            if previews and sum(p["dataset"] == dataset for p in self.previews) < self.eval_cfg["preview_clips"]:
                 self.previews.append({
                     "dataset": dataset, "left": batch.left[i].cpu(), "warped": batch.warped[i].cpu(),
                     "mask": batch.mask[i].cpu(), "output": pred[i].cpu(), "right": batch.right[i].cpu(),
@@ -181,34 +219,46 @@ class StereoModule(L.LightningModule):
         self.metrics.clear()
         self.clip_ids.clear()
         for name in self._dataset_names(stage):
-            self._metric(stage, name)
+            for steps in self._stage_steps(stage):
+                self._metric(stage, name, steps)
         self.latencies.clear()
         self.previews.clear()
 
     def _end_evaluation(self, stage: str) -> None:
         logs = {}
-        for key, metric in sorted(self.metrics.items()):
+        for (_, dataset, steps), metric in sorted(self.metrics.items()):
             if metric.update_count == 0 and not torch.distributed.is_initialized():
                 continue  # a dataset this pass never reached (e.g. limit_test_batches): nothing to report
             values = metric.compute()  # gathered over DDP ranks
             if values["n_videos"] == 0:
                 continue
-            logs.update({f"{key}/{name}": float(v) for name, v in values.items() if not name.startswith("n_videos")})
+            for prefix in self._metric_names(stage, dataset, steps):
+                logs.update({f"{prefix}/{name}": float(v) for name, v in values.items()
+                             if not name.startswith("n_videos")})
         if stage == "test":
-            self.per_clip = self._per_clip_rows()
-        logs[f"{stage}/steps"] = float(self.eval_cfg["steps"]) if self.trains else 0.0
+            by_steps = {steps: self._per_clip_rows(steps) for steps in self._stage_steps(stage)}
+            self.per_clip = by_steps[self.eval_steps[0]]
+            self.per_clip_by_steps = by_steps if len(by_steps) > 1 else {}
+        logs[f"{stage}/steps"] = float(self.eval_steps[0]) if self.trains else 0.0
         self.log_dict(logs)  # already reduced over ranks by the metrics; every rank logs the same values
-        if self.latencies:
-            self.log(f"{stage}/latency_s", sum(self.latencies) / len(self.latencies), sync_dist=True)
+        several = len(self.latencies) > 1
+        for steps, seconds in self.latencies.items():
+            mean = sum(seconds) / len(seconds)
+            if steps == self.eval_steps[0]:
+                self.log(f"{stage}/latency_s", mean, sync_dist=True)
+            if several:
+                self.log(f"{stage}/steps{steps}/latency_s", mean, sync_dist=True)
 
-    def _per_clip_rows(self) -> list[dict[str, Any]]:
-        """One row per scored test clip: {dataset, clip, <metric>: value}, gathered over DDP ranks, sorted."""
+    def _per_clip_rows(self, steps: int) -> list[dict[str, Any]]:
+        """One row per scored test clip at `steps`: {dataset, clip, <metric>: value}, gathered over DDP
+        ranks, sorted."""
         rows = []
         for key, metric in sorted(self.metrics.items()):
+            if key[2] != steps:
+                continue
             values = metric.per_video()  # this rank's videos, in update order
-            dataset = key.split("/", 1)[1]
             for j, cid in enumerate(self.clip_ids.get(key, [])):
-                rows.append({"dataset": dataset, "clip": cid, **{name: v[j] for name, v in values.items()}})
+                rows.append({"dataset": key[1], "clip": cid, **{name: v[j] for name, v in values.items()}})
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, rows)

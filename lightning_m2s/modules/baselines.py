@@ -32,12 +32,12 @@ def background_side_fill(warped: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 class WarpOnlyModule(StereoModule):
     trains = False
 
-    def predict_video(self, batch, seed: int = 0):
+    def predict_video(self, batch, seed: int = 0, steps: int | None = None):
         return batch.warped
 
 
 class ClassicalFillModule(StereoModule):
     trains = False
 
-    def predict_video(self, batch, seed: int = 0):
+    def predict_video(self, batch, seed: int = 0, steps: int | None = None):
         return background_side_fill(batch.warped, batch.mask)

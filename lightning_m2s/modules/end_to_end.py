@@ -3,9 +3,16 @@ frozen VAE decoder (gradients flow through it into the UNet, the only part that 
 
 from __future__ import annotations
 
+import torch
 
 from lightning_m2s.metrics import lpips_network
 from lightning_m2s.modules.base import StereoModule
+
+
+def straight_through_clamp(x: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    """clamp(x, lo, hi) in the forward pass, the identity in the backward pass: LPIPS sees images in its
+    range, and saturated pixels still pass a gradient back (a hard clamp would zero theirs)."""
+    return x + (x.clamp(lo, hi) - x).detach()
 
 
 class EndToEndModule(StereoModule):
@@ -26,7 +33,7 @@ class EndToEndModule(StereoModule):
         loss = w["latent_weight"] * parts["latent"] + w["l1_weight"] * l1
         if self._lpips is not None:
             lpips_net = self._lpips.to(video.device)
-            frames = video.flatten(0, 1).clamp(-1, 1), batch.right.flatten(0, 1)  # [B*T, 3, H, W]
+            frames = straight_through_clamp(video.flatten(0, 1)), batch.right.flatten(0, 1)  # [B*T, 3, H, W]
             parts["lpips"] = lpips_net(*frames).mean()
             loss = loss + w["lpips_weight"] * parts["lpips"]
         return loss, parts

@@ -21,6 +21,7 @@ class StereoSource:
     """
 
     name = "source"
+    outliers_are_holes = False  # True: NaN disparity marks pixels without one (a source's outliers), warped as holes
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -52,12 +53,14 @@ class StereoSource:
                 f"{self.describe(i)}: clip shorter than requested: it has {n} frames, frame {int(idx.max())} was asked for"
             )
         left, right, disparity = self._read(i, idx)
-        check_views(self.describe(i), left, right, disparity, len(idx))
+        check_views(self.describe(i), left, right, disparity, len(idx), self.outliers_are_holes)
         return left, right, None if disparity is None else disparity.astype(np.float32, copy=False)
 
 
-def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.ndarray, num_frames: int) -> None:
-    """Explicit errors for inconsistent stereo data (DataError naming `where`)."""
+def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.ndarray, num_frames: int,
+                allow_nan: bool = False) -> None:
+    """Explicit errors for inconsistent stereo data (DataError naming `where`); `allow_nan`: NaN disparity
+    marks pixels without one (holes), only inf is an error."""
     if left.ndim != 4 or left.shape[-1] != 3:
         raise DataError(f"{where}: left view must be [T, H, W, 3], got {left.shape}")
     if left.shape[0] != right.shape[0]:
@@ -70,7 +73,7 @@ def check_views(where: str, left: np.ndarray, right: np.ndarray, disparity: np.n
         return
     if disparity.shape != left.shape[:3]:
         raise DataError(f"{where}: disparity shape {disparity.shape} does not match the video {left.shape[:3]}")
-    finite = np.isfinite(disparity)
+    finite = np.isfinite(disparity) | (allow_nan & np.isnan(disparity))
     if not finite.all():
         raise DataError(f"{where}: disparity has {int((~finite).sum())} NaN/inf values")
     if (disparity < 0).any():

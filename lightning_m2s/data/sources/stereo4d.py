@@ -9,7 +9,12 @@ flows between the rectified views. 'fwd' is left -> right flow: a left pixel at 
 right view, so u = -d. Disparity = -fwd[..., 0] (flow_sign "negate", the default; Stereo4D's own
 loader computes depth from -fwd the same way). flow_sign "keep" takes fwd[..., 0] as is; "auto" picks
 the sign per clip that makes most values >= 0. Stereo matching is noisy near zero disparity: values
-down to -negative_tolerance px are clamped to 0; anything more negative is an error naming the file.
+down to -negative_tolerance px are clamped to 0. Real flows also have outliers (occlusions, the sky):
+pixels more negative than that have no disparity (NaN): they land nowhere in the warp, so what they
+would cover is a hole, and each clip counts them (meta "disparity_outliers", logged per training
+epoch). Only a clip whose sampled frames have more than `max_outlier_fraction` (default 25%) of such
+pixels is an error naming the file: real outliers stay far below it, a wrong flow_sign (most pixels
+negative) far above.
 
 warps "released": use the M2SVid release's offline warps instead of splatting the flow's disparity:
 `root/reprojected/{vid}.mp4` (the warped right view) and `root/reprojected_mask/{vid}.mp4` (white =
@@ -37,21 +42,35 @@ def _index(root: Path, suffix: str) -> dict[str, Path]:
     return {p.name[: -len(suffix)]: p for p in sorted(root.rglob(f"*{suffix}"))}
 
 
-def flow_to_disparity(flows: list, frame_indices: np.ndarray, sign: str, path: Path, tolerance: float) -> np.ndarray:
-    """x flow of the selected frames -> left-view disparity float32 [t, H, W]."""
+MAX_OUTLIER_FRACTION = 0.25  # of a clip's sampled pixels; above it the flow is wrong, not noisy
+
+
+def flow_to_disparity(flows: list, frame_indices: np.ndarray, sign: str, path: Path, tolerance: float,
+                      max_outliers: float = MAX_OUTLIER_FRACTION) -> np.ndarray:
+    """x flow of the selected frames -> left-view disparity float32 [t, H, W]; NaN at outliers (below
+    -tolerance px: holes of the warp), an error when more than `max_outliers` of the pixels are."""
     try:
         x = np.stack([np.asarray(flows[int(f)]["fwd"], dtype=np.float32)[..., 0] for f in frame_indices])
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise DataError(f"{path}: expected a list of per-frame dicts with 'fwd' HxWx2 flow ({e!r})") from e
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: the flow has {int((~np.isfinite(x)).sum())} NaN/inf values")
     if sign == "negate" or (sign == "auto" and np.median(x) < 0):
         x = -x
-    if np.isfinite(x).all() and x.min() >= -tolerance:
-        x = np.maximum(x, 0.0)  # stereo-matching noise around zero disparity
+    outliers = x < -tolerance
+    fraction = float(outliers.mean())
+    if fraction > max_outliers:
+        raise DataError(f"{path}: {fraction:.1%} of the sampled pixels have negative disparity below "
+                        f"-{tolerance:g} px, more than max_outlier_fraction {max_outliers:.1%} "
+                        f"(is flow_sign {sign!r} right?)")
+    x = np.maximum(x, 0.0)  # stereo-matching noise around zero disparity
+    x[outliers] = np.nan  # no disparity here: a hole of the warp
     return x
 
 
 class Stereo4DSource(StereoSource):
     name = "stereo4d"
+    outliers_are_holes = True
 
     def __init__(
         self,
@@ -60,6 +79,7 @@ class Stereo4DSource(StereoSource):
         flow_sign: str = "negate",
         negative_tolerance: float = 1.0,
         warps: str = "splat",
+        max_outlier_fraction: float = MAX_OUTLIER_FRACTION,
     ):
         if flow_sign not in FLOW_SIGNS:
             raise ConfigError(f"stereo4d: flow_sign {flow_sign!r} (key 'flow_sign') must be one of {FLOW_SIGNS}")
@@ -68,6 +88,10 @@ class Stereo4DSource(StereoSource):
         self.root = require_dir(root)
         self.warps = warps
         self.flow_sign, self.negative_tolerance = flow_sign, float(negative_tolerance)
+        if not 0 <= max_outlier_fraction <= 1:
+            raise ConfigError(f"stereo4d: max_outlier_fraction {max_outlier_fraction!r} (key 'max_outlier_fraction') "
+                              "must be in [0, 1]")
+        self.max_outlier_fraction = float(max_outlier_fraction)
         lefts = _index(self.root, "-left_rectified.mp4")
         rights = _index(self.root, "-right_rectified.mp4")
         flows = _index(self.root, "-flows_stereo.pkl")
@@ -108,7 +132,8 @@ class Stereo4DSource(StereoSource):
         n = self.info(i).num_frames
         if len(flows) != n:
             raise DataError(f"{flow_path}: {len(flows)} flow frames but the video has {n}")
-        disparity = flow_to_disparity(flows, frame_indices, self.flow_sign, flow_path, self.negative_tolerance)
+        disparity = flow_to_disparity(flows, frame_indices, self.flow_sign, flow_path, self.negative_tolerance,
+                                      self.max_outlier_fraction)
         left = read_frames(left_path, frame_indices)
         right = read_frames(right_path, frame_indices)
         if disparity.shape != left.shape[:3]:
