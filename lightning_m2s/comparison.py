@@ -106,3 +106,32 @@ def format_comparison(mean_rows: list[dict], diff_rows: list[dict], datasets: li
                     lines.append("  " + ds.ljust(10) + "".join(cells.get((label, ds, m), "—").rjust(widths[m])
                                                            for m in DIFF_METRICS))
     return "\n".join(lines)
+
+
+def _rounded(v: float, digits: int) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(v, digits)
+
+
+def mean_table(mean_rows: list[dict], datasets: list[str]) -> dict[str, list]:
+    """The printed table's means as columns (for `mlflow.log_table`), rounded as printed."""
+    cols = {"arm": [f"floor: {r['name']}" if r["kind"] == "floor" else r["name"] for r in mean_rows],
+            "seeds": [r["seeds"] for r in mean_rows]}
+    for ds in datasets:
+        cols[f"{ds} clips"] = [r.get(f"{ds}/clips", 0) for r in mean_rows]
+        for m in TABLE_METRICS:
+            cols[f"{ds} {LABELS[m]}"] = [_rounded(r.get(f"{ds}/{m}"), 3 if m.startswith("lpips") else 2) for r in mean_rows]
+    return cols
+
+
+def difference_table(diff_rows: list[dict]) -> dict[str, list]:
+    """The printed paired differences as columns: one row per comparison, test set and metric, with the
+    printed cell (mean [interval], * when it excludes 0) and its numbers."""
+    digits = [3 if d["metric"].startswith(("lpips", "ms_ssim")) else 2 for d in diff_rows]
+    return {"comparison": [d["label"] for d in diff_rows], "set": [d["dataset"] for d in diff_rows],
+            "metric": ["Δ" + LABELS.get(d["metric"], d["metric"]) for d in diff_rows],
+            "printed": [_interval(d) for d in diff_rows],
+            "mean": [_rounded(d["mean"], n) for d, n in zip(diff_rows, digits)],
+            "lo": [_rounded(d["lo"], n) for d, n in zip(diff_rows, digits)],
+            "hi": [_rounded(d["hi"], n) for d, n in zip(diff_rows, digits)],
+            "excludes_zero": [bool(d["excludes_zero"]) for d in diff_rows],
+            "clips": [d["clips"] for d in diff_rows], "seeds": [d["seeds"] for d in diff_rows]}

@@ -84,8 +84,42 @@ def check_port_free(host: str, port: int) -> None:
                            f"another with --port") from err
 
 
+def compare_link(uri: str | None, base_url: str) -> tuple[str, str] | None:
+    """(study, URL of the MLflow UI's compare view of its trial runs) for the latest sweep in the store (the
+    newest run tagged m2s.kind=sweep), or None when there is none."""
+    import json
+    from urllib.parse import quote
+
+    client = tracking.client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string="tags.`m2s.kind` = 'sweep'",
+                                 order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    if not parents:
+        return None
+    parent = parents[0]
+    children = client.search_runs([parent.info.experiment_id], order_by=["attributes.start_time ASC"],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    if not children:
+        return None
+    as_json = lambda ids: quote(json.dumps(ids, separators=(",", ":")))  # noqa: E731 - the UI's own route format
+    runs, exps = as_json([r.info.run_id for r in children]), as_json([parent.info.experiment_id])
+    return parent.data.tags.get("m2s.study", parent.info.run_name), f"{base_url}/#/compare-runs?runs={runs}&experiments={exps}"
+
+
+def _print_compare_link(uri: str, base_url: str) -> None:
+    found = compare_link(uri, base_url)
+    if found:
+        print(f"latest sweep {found[0]}, its trial runs side by side: {found[1]}", flush=True)
+
+
 def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> None:
-    """Run the dashboard until Ctrl-C or SIGTERM; either way the server's whole process group stops."""
+    """Run the dashboard until Ctrl-C or SIGTERM; either way the server's whole process group stops. A
+    tracking server serves its own UI: then only its address and the link are printed."""
+    uri = tracking.resolve_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow dashboard: {uri}  (a tracking server)", flush=True)
+        _print_compare_link(uri, uri.rstrip("/"))
+        return
     check_port_free(host, port)
     proc = start_server(uri, host, port)
     url = f"http://{host}:{port}"
@@ -99,6 +133,7 @@ def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> 
     try:
         wait_ready(proc, url)
         print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
+        _print_compare_link(uri, url)
         proc.wait()
         stopped.clear()  # the server ended by itself
     except KeyboardInterrupt:

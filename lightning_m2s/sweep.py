@@ -32,7 +32,10 @@ from lightning_m2s.evaluation import floors
 
 TRIAL_ENV = "M2S_SWEEP_TRIAL"  # the running trial's config, for the other ranks of a multi-device trial
 SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
-              "objective", "overrides", "table"}
+              "objective", "overrides", "table", "heartbeat", "slurm"}
+SCHEMA_LOCK = 0x6D3273  # PostgreSQL advisory lock held while a worker creates the study schema
+HEARTBEAT_KEYS = {"interval", "grace"}  # seconds between a worker's heartbeats; silence before its trial is retried
+SLURM_KEYS = {"partition", "workers", "devices_per_trial", "time_min", "additional"}  # --launcher slurm defaults
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +56,8 @@ class SweepSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     table: str = ""
+    heartbeat: dict[str, int] = field(default_factory=lambda: {"interval": 30, "grace": 120})
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> dict[str, list]:
@@ -87,6 +92,9 @@ def load_sweep(name: str | Path) -> SweepSpec:
     check_name(str(raw["study"]), f"{path}: study")
     for arm in raw.get("arms") or {}:
         check_name(str(arm), f"{path}: arm")
+    heartbeat = {"interval": 30, "grace": 120, **_section(raw, "heartbeat", HEARTBEAT_KEYS, path)}
+    if not all(isinstance(v, int) for v in heartbeat.values()) or not 0 < heartbeat["interval"] < heartbeat["grace"]:
+        raise ConfigError(f"{path}: heartbeat needs whole seconds 0 < interval < grace, got {heartbeat}")
     return SweepSpec(
         name=path.stem,
         study=raw["study"],
@@ -101,26 +109,44 @@ def load_sweep(name: str | Path) -> SweepSpec:
         overrides=raw.get("overrides") or {},
         description=raw.get("description", ""),
         table=raw.get("table", ""),
+        heartbeat=heartbeat,
+        slurm=_section(raw, "slurm", SLURM_KEYS, path),
     )
 
 
-def _storage(url: str):
+def _section(raw: dict, key: str, allowed: set[str], path: Path) -> dict:
+    section = raw.get(key) or {}
+    if not isinstance(section, dict) or set(section) - allowed:
+        raise ConfigError(f"{path}: {key} takes the keys {sorted(allowed)}, got {section!r}")
+    return section
+
+
+def _storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120):
     from filelock import FileLock
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = tracking.sqlalchemy_url(url)
 
     def make():
         # Heartbeats let a later run (or another worker) see that a trial's process died: it is failed
         # and re-queued once instead of staying RUNNING forever.
         return RDBStorage(
             url,
-            heartbeat_interval=30,
-            grace_period=120,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
         )
 
     if url.startswith("sqlite:///"):  # creating the schema twice at once collides: one worker at a time
         with FileLock(url.removeprefix("sqlite:///") + ".lock"):
+            return make()
+    if url.startswith("postgresql"):  # the same, for workers on any machine: a lock of the database server
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))  # released when it closes
             return make()
     return make()
 
@@ -206,6 +232,49 @@ def _requeue_failed(study) -> int:
     return len(failed)
 
 
+def _wait_for_others(study, poll_s: float) -> bool:
+    """Wait while other workers hold trials: True as soon as one is queued to run here (a trial whose
+    worker died, failed and re-queued once its heartbeat is older than the grace period), False when no
+    trial is running any more."""
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    waited, idle = False, 0
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if _last_heartbeat(study, t) is not None]  # without a heartbeat it can never be retried
+        if running:
+            idle = 0
+            if not waited:
+                log.info("waiting for trial(s) %s of other workers (retried here if their worker dies)",
+                         ", ".join(str(t.number) for t in running))
+                waited = True
+            time.sleep(poll_s)
+            continue
+        if idle:  # nothing held, twice: settled
+            return False
+        # Look once more shortly: another worker may be between failing a dead trial and queuing its
+        # retry, or starting a trial whose first heartbeat is not written yet.
+        idle += 1
+        time.sleep(min(poll_s, 2))
+
+
+def worker_tags() -> dict[str, str]:
+    """What the process running a trial is: its host and pid, the accelerators it sees, its CPU threads."""
+    import socket
+
+    import torch
+
+    return {"m2s.worker": f"{socket.gethostname()}:{os.getpid()}",
+            "m2s.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(all)"),
+            "m2s.torch_threads": str(torch.get_num_threads())}
+
+
 def run_sweep(
     name: str | Path,
     experiment: str | None = None,
@@ -215,12 +284,20 @@ def run_sweep(
     tracking_uri: str | None = None,
     seed: int = 0,
     output_root: str | Path | None = None,
+    devices_per_trial: int | None = None,
+    finish: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns {'study', 'trials': [{arm, seed, state, value, metrics}], ...}
     ({} in the extra rank processes of a multi-device trial).
 
     Checkpoints go under `<output_root>/sweeps/<study>-<study id>/<arm>-seed<k>` (default output_root:
-    outputs/ in the working root, config.work_root)."""
+    outputs/ in the working root, config.work_root). `devices_per_trial` sets every trial's
+    trainer.devices without making it another study (a worker's devices are not a setting of the grid).
+    finish=False only runs trials: no floors, table or parent-run summary (the launcher of several workers
+    does that once, after them).
+
+    A grid worker (trials=None) leaves when the grid is settled: while other workers hold grid points it
+    waits, and runs here any of their trials that a stale heartbeat re-queues (a worker that died)."""
     import optuna
 
     from lightning_m2s.train import train
@@ -233,7 +310,7 @@ def run_sweep(
         return {}
     spec = load_sweep(name)
     experiment = experiment or spec.experiment
-    user_overrides = [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()] + list(overrides or [])
+    user_overrides = _sweep_overrides(spec, overrides)
     load_config(experiment, user_overrides)  # fail before any trial on a bad key
     study_name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
     if overrides:  # other settings are another study: never mix their trials or resume their checkpoints
@@ -241,7 +318,7 @@ def run_sweep(
     storage_url = storage or f"sqlite:///{work_root() / 'optuna.db'}"
     study = optuna.create_study(
         study_name=study_name,
-        storage=_storage(storage_url),
+        storage=_storage(storage_url, spec.heartbeat["interval"], spec.heartbeat["grace"]),
         sampler=_sampler(spec, seed),
         direction=spec.direction,
         load_if_exists=True,
@@ -276,6 +353,8 @@ def run_sweep(
             "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
         })
         client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
+        for tag, value in worker_tags().items():  # which worker ran it, on which devices
+            client.set_tag(run.info.run_id, tag, value)
         trial_dir = outputs / "sweeps" / study_dir / key
         cfg_overrides = user_overrides + arm_overrides + [
             f"tracking.run_id={run.info.run_id}",
@@ -284,6 +363,8 @@ def run_sweep(
         ]
         if tracking_uri:
             cfg_overrides.append(f"tracking.uri={tracking_uri}")
+        if devices_per_trial:
+            cfg_overrides.append(f"trainer.devices={devices_per_trial}")
         cfg = load_config(experiment, cfg_overrides)
         os.environ[TRIAL_ENV] = json.dumps([experiment, cfg_overrides])  # inherited by DDP rank processes
         try:
@@ -297,6 +378,9 @@ def run_sweep(
         trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
         trial.set_user_attr("run_id", run.info.run_id)
         trial.set_user_attr("output_dir", str(trial_dir))
+        # the number the grid ranks by, under a key that the MLflow compare view (metric keys in alphabetical
+        # order, a short scrolling box) lists among the first rows
+        client.log_metric(run.info.run_id, f"objective/{spec.objective_metric}", float(metrics[spec.objective_metric]))
         return float(metrics[spec.objective_metric])
 
     if spec.sampler == "grid":
@@ -316,17 +400,24 @@ def run_sweep(
     first_new = len(study.trials)
     if n_trials > 0:
         log.info("sweep %s: %d trial(s) to run", study_name, n_trials)
-        try:
+    try:
+        if n_trials > 0:
             study.optimize(objective, n_trials=n_trials, catch=(Exception,), show_progress_bar=True)
-        except Interrupted:  # SIGTERM / SIGINT: the trial and its run are marked failed; so is the sweep's run
-            client.set_terminated(parent_id, status="FAILED")
-            raise
+        while spec.sampler == "grid" and trials is None and _wait_for_others(study, spec.heartbeat["interval"]):
+            study.optimize(objective, n_trials=1, catch=(Exception,))  # a dead worker's trial, re-queued
+    except Interrupted:  # SIGTERM / SIGINT: the trial and its run are marked failed; so is the sweep's run
+        client.set_terminated(parent_id, status="FAILED")
+        raise
     floor_results = {}
-    if spec.sampler == "grid":  # the grid's floors on exactly its test clips (cached per evaluation setup)
-        floor_results = floors(load_config(experiment, user_overrides), outputs / "floors")
+    if spec.sampler == "grid" and finish:
+        floor_results, floor_cfg = _grid_floors(experiment, user_overrides, outputs)
         log_floors(client, parent_id, floor_results)
-    summary = summarize(study, spec, parent_id, client, floor_results)
-    summary["failed_now"] = [r for r in summary["trials"] if r["number"] >= first_new and r["state"] == "FAIL"]
+        for key, value in tracking.metric_tags(floor_cfg).items():  # the settings the floors were scored with
+            client.set_tag(parent_id, key, value)
+    summary = summarize(study, spec, parent_id, client if finish else None, floor_results)
+    done = grid_done(study)  # a failed trial whose point a retry finished is no failure of this run
+    summary["failed_now"] = [r for r in summary["trials"] if r["number"] >= first_new and r["state"] == "FAIL"
+                             and (r["arm"], r["seed"]) not in done]
     if spec.sampler == "grid":  # points still running in other workers are theirs to finish, not missing
         from optuna.trial import TrialState
 
@@ -334,11 +425,58 @@ def run_sweep(
         summary["complete"] = all((a, s) in settled for a in spec.arms for s in spec.seeds)
     else:
         summary["complete"] = True
+    if not finish:  # the caller finishes the grid once (a launcher, after all its workers)
+        return summary
     if spec.sampler == "grid" and summary["comparison"]["means"]:
         tracking.log_json_artifact(client, parent_id, summary["comparison"], "comparison", "comparison.json")
+        from lightning_m2s import report
+
+        report.log_summary(client, parent_id, summary, tracking_uri)
     if spec.sampler != "grid" or len(grid_done(study)) == spec.grid_size:
         client.set_terminated(parent_id, status="FINISHED")
     return summary
+
+
+def _sweep_overrides(spec: SweepSpec, overrides: list[str] | None) -> list[str]:
+    return [f"{k}={_yaml_value(v)}" for k, v in spec.overrides.items()] + list(overrides or [])
+
+
+def _grid_floors(experiment: str, user_overrides: list[str], outputs: Path) -> tuple[dict, Any]:
+    """The grid's floors on exactly its test clips, cached per evaluation setup; and their config."""
+    from filelock import FileLock
+
+    cfg = load_config(experiment, user_overrides)
+    (outputs / "floors").mkdir(parents=True, exist_ok=True)
+    with FileLock(outputs / "floors" / ".lock"):  # workers that finish together compute them once
+        return floors(cfg, outputs / "floors"), cfg
+
+
+def prepare_floors(name: str | Path, experiment: str | None = None, overrides: list[str] | None = None,
+                   output_root: str | Path | None = None) -> None:
+    """Score a grid's floors into the cache now (a launcher does it while its workers train)."""
+    spec = load_sweep(name)
+    if spec.sampler == "grid":
+        _grid_floors(experiment or spec.experiment, _sweep_overrides(spec, overrides),
+                     Path(output_root or work_root() / "outputs"))
+
+
+def _rdb(study):
+    return getattr(study._storage, "_backend", study._storage)  # the RDBStorage behind Optuna's cache
+
+
+def _last_heartbeat(study, trial):
+    """The trial's last heartbeat (UTC), or None when it has none."""
+    import datetime as dt
+
+    from sqlalchemy import text
+
+    engine = getattr(_rdb(study), "engine", None)
+    if engine is None:
+        return None
+    with engine.connect() as conn:
+        beat = conn.execute(text("SELECT heartbeat FROM trial_heartbeats WHERE trial_id = :i"),
+                            {"i": trial._trial_id}).scalar()
+    return beat if beat is None or isinstance(beat, dt.datetime) else dt.datetime.fromisoformat(str(beat))
 
 
 def held_trials(study) -> list[str]:
@@ -347,22 +485,15 @@ def held_trials(study) -> list[str]:
     import datetime as dt
 
     from optuna.trial import TrialState
-    from sqlalchemy import text
 
-    storage = getattr(study._storage, "_backend", study._storage)  # the RDBStorage behind Optuna's cache
-    engine, grace = getattr(storage, "engine", None), getattr(storage, "grace_period", None)
+    grace = getattr(_rdb(study), "grace_period", None)
     lines = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = None
-        if engine is not None:
-            with engine.connect() as conn:
-                beat = conn.execute(text("SELECT heartbeat FROM trial_heartbeats WHERE trial_id = :i"),
-                                    {"i": t._trial_id}).scalar()
+        beat = _last_heartbeat(study, t)
         where = f"trial {t.number} ({t.params.get('arm')}, seed {t.params.get('seed')})"
         if beat is None or grace is None:
             lines.append(f"{where} is RUNNING in another worker; it is not run here")
             continue
-        beat = beat if isinstance(beat, dt.datetime) else dt.datetime.fromisoformat(str(beat))
         retry = beat + dt.timedelta(seconds=grace)
         lines.append(f"{where} is held by a live worker (last heartbeat {beat:%H:%M:%S} UTC); if that worker is "
                      f"gone, run this sweep again after {retry:%H:%M:%S} UTC to retry it")
@@ -408,7 +539,8 @@ def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_res
     rows, arms = [], {}
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "arm": t.params.get("arm", f"trial{t.number}"), "seed": t.params.get("seed"),
-               "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {})}
+               "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {}),
+               "run_id": t.user_attrs.get("run_id")}
         rows.append(row)
         if row["state"] == "COMPLETE" and spec.sampler == "grid" and client is not None:
             per_clip = _per_clip(t, client)
@@ -419,6 +551,7 @@ def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_res
     reference = next(iter(spec.arms), None)
     return {"study": study.study_name, "objective": spec.objective_metric, "direction": spec.direction,
             "parent_run_id": parent_run_id, "trials": rows, "reference": reference,
+            "per_clip": {"arms": ordered, "floors": floor_rows},  # what the comparison was computed from
             "comparison": {
                 "datasets": comparison.datasets_of(ordered, floor_rows),
                 "means": comparison.means(ordered, floor_rows) if ordered or floor_rows else [],

@@ -14,6 +14,9 @@ from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
 from lightning_m2s.errors import ConfigError
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
+# MLflow 3 opens an experiment without this tag as a GenAI one (a traces page); ours are model training
+# (the runs table, metrics and comparisons).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -22,7 +25,13 @@ def resolve_uri(uri: str | None) -> str:
         return f"sqlite:///{work_root() / 'mlflow.db'}"
     if "://" not in uri:
         raise ConfigError(f"tracking.uri {uri!r} is not a URI (expected sqlite:///path.db or http://host:port)")
-    return uri
+    return sqlalchemy_url(uri)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """A database URL as SQLAlchemy (MLflow's and Optuna's stores) takes it: plain postgresql:// URLs use
+    psycopg 3, the `postgres` extra (SQLAlchemy's default driver would be psycopg2)."""
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
 def artifact_location(uri: str, artifact_root: str | None) -> str | None:
@@ -50,13 +59,15 @@ def client(uri: str | None = None):
 
 
 def experiment_id(mlflow_client, name: str, artifact_root: str | None = None) -> str:
-    """The MLflow experiment `name`, created on first use."""
+    """The MLflow experiment `name`, created on first use as a model-training experiment."""
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:  # made before the kind was set
+            mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
     location = artifact_location(mlflow_client.tracking_uri, artifact_root)
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # another worker created it in the meantime
         found = mlflow_client.get_experiment_by_name(name)
         if found is None:
@@ -105,6 +116,14 @@ def log_config(mlflow_client, run_id: str, cfg) -> None:
     params = [p for p in params if p.key not in existing]  # params are immutable: a resumed run keeps its own
     for start in range(0, len(params), 100):  # MLflow's batch limit
         mlflow_client.log_batch(run_id, params=params[start : start + 100])
+
+
+def metric_tags(cfg) -> dict[str, str]:
+    """The evaluation settings a run's numbers depend on, as tags: comparing numbers of other settings
+    (with each other or with the paper's) is comparing different measurements."""
+    return {"m2s.metrics.lpips_net": str(cfg.module.eval.lpips_net),
+            "m2s.metrics.ms_ssim": str(cfg.module.eval.ms_ssim),
+            "m2s.metrics.eval_size": str(cfg.data.eval_size)}
 
 
 def log_json_artifact(mlflow_client, run_id: str, data: dict, artifact_dir: str, name: str) -> None:

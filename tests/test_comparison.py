@@ -62,3 +62,23 @@ def test_the_table_pairs_clips_by_id_and_fits_120_columns():
     table = format_comparison(means(arms, floors), diffs, datasets_of(arms, floors))
     assert max(len(line) for line in table.splitlines()) <= 120, table
     assert "floor: classical_fill" in table and "synthetic (4 clips)" in table and "*" in table
+
+
+def test_the_logged_tables_hold_the_printed_numbers():
+    from lightning_m2s.comparison import difference_table, mean_table
+
+    rng = np.random.default_rng(2)
+    arms = {"a": [rows({"synthetic": list(rng.normal(30, 2, 6)), "real": list(rng.normal(25, 2, 5))})],
+            "b": [rows({"synthetic": list(rng.normal(31, 2, 6)), "real": list(rng.normal(24, 2, 5))})]}
+    floors = {"classical_fill": rows({"synthetic": list(rng.normal(29, 2, 6)), "real": list(rng.normal(26, 2, 5))})}
+    mean_rows, diffs, datasets = means(arms, floors), differences(arms, floors, "a"), datasets_of(arms, floors)
+    printed = format_comparison(mean_rows, diffs, datasets).splitlines()
+    table = mean_table(mean_rows, datasets)
+    for k, name in enumerate(table["arm"]):  # each row as printed: PSNR, LPIPS, PSNR-in, LPIPS-in per test set
+        line = next(line for line in printed if line.startswith(name + " "))
+        cells = [f"{table[f'{ds} {m}'][k]:.{3 if 'LPIPS' in m else 2}f}" for ds in datasets
+                 for m in ("PSNR", "LPIPS", "PSNR-in", "LPIPS-in")]
+        assert line[len(name):].split() == cells
+    logged = difference_table(diffs)
+    assert len(logged["printed"]) == len(diffs) and all(cell.strip() in "\n".join(printed) for cell in logged["printed"])
+    assert logged["mean"][0] == round(diffs[0]["mean"], 2) and logged["excludes_zero"][0] == diffs[0]["excludes_zero"]

@@ -60,6 +60,7 @@ def test_a_signal_to_train_saves_last_ckpt_marks_the_run_failed_and_exits_128_pl
     assert f"stopped by {signal.Signals(signum).name}" in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_truncated_last_ckpt_is_moved_aside_and_the_run_goes_on(tmp_path):
     args = ["train", "debug", "trainer.max_steps=2"]
     assert start(args, tmp_path).wait(300) == 0

@@ -20,6 +20,7 @@ def test_notebook_has_parameters_cell_and_every_table():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook without outputs"
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_writes_html(tmp_path):
     uri = fill_store(tmp_path / "store")
     html = analysis.run_notebook(uri, tmp_path / "report" / "tables_4_10.html")

@@ -1,14 +1,11 @@
 """Sweeps: every grid file is valid; a real (fast) grid runs, resumes, records failures and skips finished
-trials; two workers split one study; the MLflow dashboard serves the runs and stops cleanly."""
+trials; the MLflow dashboard serves the runs and stops cleanly. (Several workers on one study: test_postgres.)"""
 
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 
 import mlflow
-import optuna
 import pytest
 import yaml
 
@@ -40,9 +37,33 @@ def test_sweep_file_is_valid_and_every_arm_is_a_valid_config(name):
         assert spec.search_space and spec.trials
 
 
+def _arm_configs(name):
+    spec = load_sweep(name)
+    return {arm: load_config(spec.experiment, [f"{k}={v}" for k, v in {**spec.overrides, **over}.items()])
+            for arm, over in spec.arms.items()}
+
+
 def test_the_paper_ablations_have_their_grids():
-    assert {"left_cond", "full_attention", "loss", "inference_steps", "runtime", "baselines"} <= set(SWEEPS)
-    assert set(load_sweep("loss").arms) == {"A_standard_25", "B_standard_1", "C_latent", "D_end_to_end"}
+    assert {"left_cond", "left_cond_diffusion", "full_attention", "loss", "inference_steps", "runtime",
+            "baselines"} <= set(SWEEPS)
+    assert set(load_sweep("loss").arms) == {"A_B_standard", "C_latent", "D_end_to_end"}
+
+
+def test_paper_rows_train_once_per_regime_without_full_attention():
+    """Tables 5 and 10 test one trained model at several step counts; their rows (Table 5 D = Table 4's
+    "+ V_l, 1 step") are without full attention; the 25-step rows of Tables 4 / 7 have their own grid."""
+    loss = _arm_configs("loss")
+    assert list(loss["A_B_standard"].module.eval.steps) == [25, 1]  # rows A and B: one model
+    steps = _arm_configs("inference_steps")
+    assert {arm: (c.module.variant, list(c.module.eval.steps)) for arm, c in steps.items()} == {
+        "standard": ("standard_diffusion", [1, 5, 25]), "end_to_end": ("end_to_end", [1, 5, 25])}
+    for arms in (loss, steps):
+        assert not any(c.model.full_attention for c in arms.values())
+        assert len({c.module.variant for c in arms.values()}) == len(arms)  # one training per regime
+    rows = {(c.module.variant, c.model.left_condition, 25 in list(c.module.eval.steps))
+            for c in _arm_configs("left_cond_diffusion").values()}
+    assert rows == {("standard_diffusion", True, True), ("standard_diffusion", False, True)}
+    assert load_sweep("left_cond").overrides == {"model.full_attention": False}  # the default grid: unchanged
 
 
 def test_bad_sweep_files_name_file_and_key(tmp_path):
@@ -85,6 +106,8 @@ def test_grid_runs_every_arm_and_records_the_failing_one(fast_sweep):
     assert status["broken"] == "FAILED" and status["warp_only"] == "FINISHED"
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert all("test/synthetic/psnr" in r.data.metrics and "data.eval_size" in r.data.params for r in finished)
+    assert not [k for r in finished for k in r.data.params if "/" in k]  # the config once, no `model/...` copies
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
 
 
 def test_rerunning_a_sweep_retries_only_what_failed(fast_sweep):
@@ -115,20 +138,3 @@ def test_dashboard_serves_the_sweep_runs_and_stops_cleanly(fast_sweep):
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no process of the server's group is left
 
-
-def test_two_workers_split_one_grid_without_repeating_a_trial(tmp_path):
-    grid = {**FAST_GRID, "study": "two_workers", "seeds": [0, 1]}
-    grid["arms"] = {k: v for k, v in grid["arms"].items() if k != "broken"}
-    path = tmp_path / "two_workers.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cmd = [sys.executable, "-m", "lightning_m2s.cli", "sweep", str(path), "--storage", storage,
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=tmp_path) for _ in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert all(w.returncode == 0 for w in workers), outputs[0][-2000:] + outputs[1][-2000:]
-    trials = optuna.load_study(study_name="two_workers", storage=storage).get_trials()
-    done = [(t.params["arm"], t.params["seed"]) for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(done) == sorted({(a, s) for a in grid["arms"] for s in (0, 1)})  # each point exactly once
