@@ -19,22 +19,123 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    import logging
+    import os
+    import signal
+
+    # the project's own progress lines (resuming from a checkpoint, waiting for other workers, ...)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("lightning_m2s").setLevel(logging.INFO)
+    if args.launcher == "slurm":
+        _submit_slurm(args)
+        return
+    launched = args.workers is not None  # N worker processes on this machine run the trials; this one waits
+    why = _local_workers(args) if launched else []  # for them (started first), then finishes the grid once
     from lightning_m2s.sweep import format_table, run_sweep
 
-    summary = run_sweep(args.ablation, experiment=args.experiment, overrides=args.overrides, trials=args.trials,
-                        storage=args.storage, tracking_uri=args.tracking_uri)
+    # submitit's (SLURM's) preemption / time-limit signal: stop the trial as SIGTERM does, with last.ckpt
+    signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    summary = run_sweep(args.ablation, experiment=args.experiment, overrides=args.overrides,
+                        trials=0 if launched else args.trials, storage=args.storage, tracking_uri=args.tracking_uri,
+                        devices_per_trial=args.devices_per_trial, finish=not args.trials_only)
     if not summary:  # an extra rank process of a multi-device trial
         return
     print(f"\nstudy {summary['study']} (objective {summary['objective']}, {summary['direction']}):")
     print(format_table(summary))
     failed = summary["failed_now"]
     incomplete = not summary["complete"] and args.trials is None  # --trials asks for a part of the grid
-    if failed or incomplete:
-        why = [f"{len(failed)} trial(s) failed in this run ({', '.join(r['arm'] for r in failed)}; see the runs' "
-               f"m2s.error tag)"] if failed else []
+    if failed or incomplete or why:
+        why += [f"{len(failed)} trial(s) failed in this run ({', '.join(r['arm'] for r in failed)}; see the runs' "
+                f"m2s.error tag)"] if failed else []
         why += ["the grid is incomplete: run the same command again to finish it"] if incomplete else []
         print(f"m2s sweep: {'; '.join(why)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _worker_command(args: argparse.Namespace, devices_per_trial: int, trials_only: bool) -> list[str]:
+    from lightning_m2s.launch import worker_command
+
+    return worker_command(args.ablation, args.overrides, args.experiment, args.trials, args.storage,
+                          args.tracking_uri, devices_per_trial, trials_only)
+
+
+def _local_workers(args: argparse.Namespace) -> list[str]:
+    """Run --workers processes pinned to their devices; returns what went wrong in them (for the exit status)."""
+    import logging
+    import time
+
+    from lightning_m2s.config import work_root
+    from lightning_m2s.launch import run_local
+
+    logs = work_root() / "outputs" / "sweeps" / "workers" / f"{Path(args.ablation).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"m2s sweep: {args.workers} worker(s), logs in {logs}", flush=True)
+
+    def floors():  # the grid's floors, scored here while the workers train (then cached for the table)
+        from lightning_m2s.sweep import prepare_floors
+
+        try:
+            prepare_floors(args.ablation, args.experiment, args.overrides)
+        except Exception as err:  # noqa: BLE001 - the workers go on; the table's run scores them again (and says why not)
+            logging.getLogger("lightning_m2s.launch").warning("floors not scored yet: %s", err)
+        import lightning_m2s.report, lightning_m2s.train  # noqa: F401, E401 - what the table needs, loaded meanwhile
+
+    codes = run_local(_worker_command(args, args.devices_per_trial or 1, trials_only=True), args.workers,
+                      args.devices_per_trial or 1, logs, while_waiting=floors)
+    for i, code in enumerate(codes):
+        if code < 0:  # killed: what it ran was retried by the others (the table says whether all is done)
+            print(f"m2s sweep: worker {i} was killed by signal {-code}", file=sys.stderr)
+    return [f"worker {i} exited with code {code} (see {logs / f'worker{i}.log'})" for i, code in enumerate(codes) if code > 0]
+
+
+def _submit_slurm(args: argparse.Namespace) -> None:
+    from lightning_m2s.config import work_root
+    from lightning_m2s.launch import slurm_settings, submit_slurm
+    from lightning_m2s.sweep import load_sweep
+
+    spec = load_sweep(args.ablation)
+    settings = slurm_settings(spec, args.workers, args.devices_per_trial, args.partition, args.time_min)
+    folder = work_root() / "outputs" / "slurm" / spec.name / "%j"
+    jobs = submit_slurm(_worker_command(args, settings["devices_per_trial"], trials_only=False), folder=folder,
+                        name=f"m2s-{spec.name}", **settings)
+    print(f"m2s sweep: submitted {len(jobs)} worker job(s) ({', '.join(j.job_id for j in jobs)}), logs in "
+          f"{folder.parent}; run `m2s sweep {args.ablation}` with the same options once they end for the table")
+
+
+# `m2s evaluate --sources`: the embedded test sets by name, the user's or the paper's data by root
+EMBEDDED_TEST_SETS = {"synthetic": 0, "real": 1}  # index into datamodule.DEFAULT_TEST
+ROOTED_SOURCES = ("folder", "stereo4d", "ego4d")
+
+
+def test_source(spec: str) -> dict:
+    """`synthetic` | `real` | `folder=DIR` | `stereo4d=DIR` | `ego4d=DIR` -> a data.test_sources entry."""
+    from lightning_m2s.data.datamodule import DEFAULT_TEST
+    from lightning_m2s.errors import ConfigError
+
+    name, _, root = spec.partition("=")
+    if name in EMBEDDED_TEST_SETS and not root:
+        return dict(DEFAULT_TEST[EMBEDDED_TEST_SETS[name]])
+    if name in ROOTED_SOURCES and root:
+        return {"name": name, "root": root}
+    raise ConfigError(f"--sources {spec!r}: use {', '.join(EMBEDDED_TEST_SETS)} or "
+                      f"{', '.join(f'{n}=DIR' for n in ROOTED_SOURCES)}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from omegaconf import OmegaConf
+
+    from lightning_m2s.config import load_config
+    from lightning_m2s.evaluation import evaluate_checkpoint
+
+    cfg = load_config(args.experiment, args.overrides)
+    if args.sources:
+        cfg.data.test_sources = OmegaConf.create([test_source(s) for s in args.sources.split(",")])
+    report = evaluate_checkpoint(args.checkpoint, cfg, with_floors=not args.no_floors)
+    rows = {"": report["metrics"], **{f"floor: {v}": m for v, m in report["floors"].items()}}
+    keys = sorted(k for k in report["metrics"] if k.startswith("test/") and k.rsplit("/", 1)[-1] in ("psnr", "lpips"))
+    print(f"\n{'':<24}" + "".join(f"{k.removeprefix('test/'):>18}" for k in keys))
+    for name, metrics in rows.items():
+        print(f"{name or Path(args.checkpoint).name:<24.24}" + "".join(f"{metrics.get(k, float('nan')):>18.4f}" for k in keys))
+    print(f"per-clip metrics: {report['per_clip']}; MLflow run {report['run_id']}")
 
 
 def _dashboard(args: argparse.Namespace) -> None:
@@ -62,7 +163,7 @@ def _convert(args: argparse.Namespace) -> None:
 
     options = ConvertOptions(
         format=args.format, max_disparity=args.max_disparity, convergence=args.convergence, depth_kind=args.depth_kind,
-        close_kernel=args.close_kernel, steps=args.steps, chunk_frames=args.chunk_frames,
+        close_kernel=args.close_kernel, splat=args.splat, steps=args.steps, chunk_frames=args.chunk_frames,
         overlap_frames=args.overlap_frames, blend_overlap=not args.no_blend_overlap, tile=args.tile,
         tile_overlap=args.tile_overlap, fps=args.fps, fps_id=args.fps_id, decode_chunk_size=args.decode_chunk_size,
         device=args.device, seed=args.seed, crf=args.crf, lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
@@ -135,7 +236,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="run at most this many trials now")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<checkout>/optuna.db)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
+    p.add_argument("--workers", type=int, help="worker processes on this study: on this machine (each pinned to its "
+                   "--devices-per-trial accelerators, CPU threads split), or the SLURM array size")
+    p.add_argument("--devices-per-trial", type=int, help="accelerators (GPUs) of each trial: trainer.devices, and "
+                   "each worker's CUDA_VISIBLE_DEVICES share (default 1)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: processes on this machine; slurm: a job array through submitit (requeued on "
+                   "preemption, its trial resumes from last.ckpt)")
+    p.add_argument("--trials-only", action="store_true", help="run trials only: the floors, the table and the parent "
+                   "run's summary are left to a later m2s sweep (what the --workers processes do)")
+    p.add_argument("--partition", help="slurm: the partition (default: the sweep file's slurm.partition)")
+    p.add_argument("--time-min", type=int, help="slurm: each job's time limit in minutes (default: slurm.time_min, 240)")
     p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("evaluate", help="score a trained checkpoint on test sources (metrics, floors, per-clip rows)",
+                       description="The test stage of a sweep trial for one checkpoint: the experiment's metrics on "
+                       "its test clips (or --sources), the floors (warp-only, classical fill) on the same clips, "
+                       "per-clip rows, all logged to MLflow as a run of its own.")
+    p.add_argument("checkpoint", help="a lightning_m2s training checkpoint (.ckpt)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.eval_size=128 module.eval.steps=[1,5]")
+    p.add_argument("--experiment", default="tiny", help="the experiment whose test data and metrics are used (default tiny)")
+    p.add_argument("--sources", metavar="SOURCE[,SOURCE...]",
+                   help="test sources instead of the experiment's, comma-separated: synthetic, real (the embedded "
+                   "held-out sets), folder=DIR (your own <video>/left.mp4, right.mp4, disparity.npz), stereo4d=DIR, ego4d=DIR")
+    p.add_argument("--no-floors", action="store_true", help="skip the warp-only and classical-fill floors")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("dashboard", help="serve the MLflow UI over the tracking store")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
@@ -167,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-disparity", type=float, help="D_max in pixels (default 5%% of the width)")
     p.add_argument("--convergence", type=float, default=0.0, help="zero-parallax plane as a fraction 0..1 of D_max (default 0)")
     p.add_argument("--close-kernel", type=int, help="mask closing kernel (default 11 at 512 px, scaled, odd)")
+    p.add_argument("--splat", default="nearest", choices=["nearest", "released"],
+                   help="the warp: nearest (depth-tested, default) or released (the M2SVid release's; use it for a "
+                   "model trained with data.splat=released, e.g. svd_xt)")
     p.add_argument("--steps", type=int, help="refinement steps (default: the checkpoint's, 1)")
     p.add_argument("--chunk-frames", type=int, default=16, help="frames per refinement chunk (default 16)")
     p.add_argument("--overlap-frames", type=int, default=4, help="generated frames carried into the next chunk (default 4)")
@@ -205,8 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep the console to progress bars and reports: Lightning's start-up notes (accelerators found, a
+    logger tip, the test-batch limit) are informational log records; warnings and errors still show."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         args.func(args)
     except M2SError as err:

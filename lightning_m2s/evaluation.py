@@ -39,7 +39,12 @@ def test_module(module, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
 def evaluation_setup(cfg: DictConfig) -> dict:
     """What a floor's numbers depend on."""
     data = to_container(cfg.data)
-    return {"format": FORMAT, "data": {k: data[k] for k in EVAL_DATA_KEYS}, "lpips_net": cfg.module.eval.lpips_net}
+    setup = {"format": FORMAT, "data": {k: data[k] for k in EVAL_DATA_KEYS}, "lpips_net": cfg.module.eval.lpips_net}
+    # the warp and the MS-SSIM mode count where they differ from their defaults (earlier caches stay valid)
+    for key, value, default in (("splat", data["splat"], "nearest"), ("ms_ssim", cfg.module.eval.ms_ssim, "per_frame")):
+        if value != default:
+            setup[key] = value
+    return setup
 
 
 def floor_key(cfg: DictConfig) -> str:
@@ -61,3 +66,48 @@ def floors(cfg: DictConfig, cache_dir: str | Path) -> dict[str, dict]:
         out[variant] = {"metrics": metrics, "per_clip": per_clip}
     write_json(path, {"setup": evaluation_setup(cfg), "floors": out})
     return out
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bool = True) -> dict:
+    """`m2s evaluate`: a trained checkpoint scored like a sweep trial's test stage (the same metrics,
+    floors and per-clip rows) on cfg's test clips, logged to MLflow as a run of its own. The model comes
+    from the checkpoint; the test data and evaluation settings from cfg."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from lightning_m2s import tracking
+    from lightning_m2s.config import work_root
+    from lightning_m2s.modules import StereoModule, load_trained_weights, read_checkpoint
+
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(str(checkpoint))  # weights only; ModelError naming the file
+    module = StereoModule(model=ckpt["hyper_parameters"]["model"], eval=to_container(cfg.module.eval))
+    load_trained_weights(module.model, ckpt["state_dict"], str(checkpoint))
+
+    client = tracking.client(cfg.tracking.uri)
+    exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    tags = {"m2s.kind": "evaluate", "m2s.checkpoint": str(checkpoint.resolve()), **tracking.metric_tags(cfg)}
+    run_id = client.create_run(exp_id, run_name=f"evaluate-{checkpoint.stem}", tags=tags).info.run_id
+    try:
+        tracking.log_config(client, run_id, cfg)
+        metrics, per_clip = test_module(module, cfg)
+        floor_results = floors(cfg, work_root() / "outputs" / "floors") if with_floors else {}
+        now = int(time.time() * 1000)
+        logged = [Metric(k, v, now, 0) for k, v in metrics.items() if v == v]  # NaN: no clips of that kind
+        logged += [Metric(f"floor/{variant}/{k}", v, now, 0) for variant, r in floor_results.items()
+                   for k, v in r["metrics"].items() if k.startswith("test/") and v == v]
+        for i in range(0, len(logged), 500):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=logged[i : i + 500])
+        rows = {"rows": per_clip, "floors": {variant: r["per_clip"] for variant, r in floor_results.items()}}
+        if module.per_clip_by_steps:
+            rows["by_steps"] = {str(n): r for n, r in module.per_clip_by_steps.items()}
+        out = work_root() / "outputs" / "evaluate" / f"{checkpoint.stem}-{run_id[:8]}"
+        write_json(out / "test_per_clip.json", rows)
+        client.log_artifact(run_id, str(out / "test_per_clip.json"), "metrics")
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return {"run_id": run_id, "metrics": metrics, "per_clip": str(out / "test_per_clip.json"),
+            "floors": {variant: r["metrics"] for variant, r in floor_results.items()}}

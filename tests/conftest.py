@@ -93,6 +93,23 @@ def tiny_svd_dir(tmp_path_factory):
     return write_tiny_svd_dir(tmp_path_factory.mktemp("tiny-svd"))
 
 
+@pytest.fixture(scope="session")
+def debug_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of the debug experiment's module (untrained), written by a real Lightning Trainer."""
+    import lightning as L
+
+    from lightning_m2s.config import load_config
+    from lightning_m2s.train import build_module
+
+    root = tmp_path_factory.mktemp("ckpt")
+    module = build_module(load_config("debug", [f"meta.output_dir={root / 'out'}"]))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(root / "model.ckpt")
+    return root / "model.ckpt"
+
+
 def store_overrides(root: Path) -> list[str]:
     """Config overrides that keep a run's tracking store and outputs inside `root`."""
     root = Path(root)

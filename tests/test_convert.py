@@ -1,7 +1,7 @@
 """m2s convert: depth providers, chunk / tile schedules, the end-to-end conversion, formats, errors.
 
-One checkpoint of the debug experiment's model (untrained: conversion speed and plumbing do not depend
-on training) is written once per session by a real Lightning Trainer and loaded once.
+One checkpoint of the debug experiment's model (conftest's `debug_checkpoint`; conversion speed and
+plumbing do not depend on training) is loaded once.
 """
 
 from __future__ import annotations
@@ -28,20 +28,8 @@ from lightning_m2s.geometry import depth_to_disparity
 
 # --- fixtures -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    import lightning as L
-
-    from lightning_m2s.config import load_config
-    from lightning_m2s.train import build_module
-
-    root = tmp_path_factory.mktemp("ckpt")
-    module = build_module(load_config("debug", [f"meta.output_dir={root / 'out'}"]))
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    path = root / "model.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def checkpoint(debug_checkpoint) -> Path:
+    return debug_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -75,16 +63,30 @@ QUICK = dict(progress=False, lossless=True)
 
 
 # --- schedules and blending ------------------------------------------------------------------------------
-def test_chunk_schedule_covers_every_frame_with_bounded_chunks():
-    for n, c, o in [(5, 16, 4), (16, 16, 4), (17, 16, 4), (100, 16, 4), (30, 8, 3), (30, 8, 0), (9, 8, 7)]:
+@pytest.mark.parametrize("c, o", [(16, 4), (8, 2), (6, 5), (4, 0)])
+def test_chunk_schedule_writes_every_frame_once_from_a_chunk_that_saw_it(c, o):
+    for n in range(1, 401):
         chunks = chunk_schedule(n, c, o)
-        assert chunks[0] == (0, min(n, c), 0)
+        assert chunks[0].start == 0 and chunks[0].known == 0 and chunks[-1].written == n
         assert all(ch.stop - ch.start == min(n, c) for ch in chunks)  # constant chunk size, never above c
-        new = [i for ch in chunks for i in range(ch.start + ch.known, ch.stop)]
-        assert new == list(range(n))  # every frame generated exactly once, in order
-        assert all(ch.known >= o for ch in chunks[1:])  # the last m frames carried over
+        written = [i for ch in chunks for i in range(ch.start, ch.written)]
+        assert written == list(range(n)), n  # every frame written exactly once, in order ...
+        assert all(ch.start <= ch.written <= ch.stop for ch in chunks)  # ... by a chunk that saw it
+        for prev, ch in zip(chunks, chunks[1:]):
+            assert ch.start == prev.written and ch.known == prev.stop - ch.start  # held frames = next known
+            assert o <= ch.known < ch.stop - ch.start and ch.stop > prev.stop  # the last m carried; progress
     with pytest.raises(ConfigError):
         chunk_schedule(10, 4, 4)
+
+
+@pytest.mark.parametrize("frames, chunk, overlap", [(1, 16, 4), (29, 16, 4), (41, 16, 4), (17, 16, 4), (13, 8, 2), (11, 6, 5)])
+def test_cli_converts_every_length_frame_for_frame(tmp_path, checkpoint, frames, chunk, overlap):
+    video, depth = make_video(tmp_path, frames, 16, 16)
+    np.save(tmp_path / "d.npy", depth)
+    out = tmp_path / "out.mp4"
+    cli_main(["convert", str(video), "--checkpoint", str(checkpoint), "--depth", str(tmp_path / "d.npy"), "--out", str(out),
+              "--chunk-frames", str(chunk), "--overlap-frames", str(overlap), "--no-progress"])
+    assert video_info(out).num_frames == frames
 
 
 def test_tile_starts_and_ramps():
@@ -286,7 +288,7 @@ def test_long_video_runs_in_bounded_autoregressive_chunks(tmp_path, model, monke
     assert report["chunks"] == len(schedule) == len(calls) == 4 and all(t == 6 for t, _, _ in calls)
     # App. E: the known frames of chunk k are chunk k-1's generated frames, with an empty mask
     for k in range(1, len(schedule)):
-        (s, _, known), (ps, _, _) = schedule[k], schedule[k - 1]
+        s, known, ps = schedule[k].start, schedule[k].known, schedule[k - 1].start
         _, warped, mask = calls[k]
         assert not mask[:known].any()
         expected = decoded[k - 1][0, s - ps : s - ps + known].clamp(-1, 1)
@@ -375,3 +377,14 @@ def test_help_lists_the_formats(capsys):
     for word in ("sbs", "half-sbs", "top-bottom", "anaglyph", "right"):
         assert word in text
     assert isinstance(ConfigError("x"), M2SError) and ConvertOptions().format == "sbs"
+
+
+def test_convert_warps_with_the_splat_the_model_was_trained_with(tmp_path, clip, model):
+    convert(clip.video, None, tmp_path / "r.mp4", depth=clip.npz, model=model, format="right", splat="released",
+            save_intermediates=str(tmp_path / "released"), max_disparity=5.5, **QUICK)
+    convert(clip.video, None, tmp_path / "n.mp4", depth=clip.npz, model=model, format="right",
+            save_intermediates=str(tmp_path / "nearest"), max_disparity=5.5, **QUICK)
+    released, nearest = (read_frames(tmp_path / name / "warped.mp4") for name in ("released", "nearest"))
+    assert not np.array_equal(released, nearest)
+    with pytest.raises(ConfigError, match="splat 'bilinear'"):
+        convert(clip.video, None, tmp_path / "x.mp4", depth=clip.npz, model=model, splat="bilinear", **QUICK)

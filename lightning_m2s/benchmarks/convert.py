@@ -1,13 +1,18 @@
-"""`m2s bench convert`: conversion frames per second and peak memory on the embedded default.
+"""`m2s bench convert`: conversion speed per stage at real sizes, and memory, on the embedded default.
 
-A synthetic layered-scene video (with its exact depth) of 100 and 300 frames at 64x64 is converted to
-side-by-side by the embedded default's architecture (tiny SVD UNet + tiny VAE; an untrained module's
-checkpoint written to a temporary folder: speed does not depend on training; set
-M2S_BENCH_CHECKPOINT to measure a trained one). Each length runs in its own subprocess, so each has its
-own peak RSS (after a warm-up conversion of a short clip in the same process): memory stays flat as the video grows when chunks are streamed from and to disk. The 1-step
-vs 25-step latency ratio is measured on one 16-frame chunk of the same clip in this process (ratios
-within one run: the machine is shared and noisy). The chunk-boundary jump (mean absolute change of the
-per-frame mean colour across chunk boundaries vs within chunks) comes with each run.
+Synthetic layered-scene videos (with their exact depth) are converted to side-by-side by the embedded
+default (the shipped tiny SVD, widened as for fine-tuning; speed does not depend on the fine-tune; set
+M2S_BENCH_CHECKPOINT to measure a trained one) at 64x64 (100 and 300 frames: memory in video length),
+320x240 and 720x528 (tiles of 128 px: the tiny VAE's 2x latents would make its attention span 95k
+cells per frame). Each video runs in its own subprocess, so each has its own peak RSS (after a warm-up
+conversion of a short 64 px clip: kernel compilation, thread pools). For each it reports frames per
+second, seconds per frame of every stage (read, depth, splat = splat + closing, encode, unet, decode,
+write = compose + encode the video; read, depth and splat run in a reader thread, write in a writer
+thread, beside the model) and `non_model_fraction`, the share of the wall time outside the model.
+The 1-step vs 25-step latency ratio is measured on one 16-frame 64 px chunk in this process, and the
+chunk-boundary jump (mean absolute change of the per-frame mean colour across chunk boundaries vs
+within chunks) comes with each run. `m2s bench convert_memory` converts 300 and 1000 frames at 320x240
+(about an hour on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,17 +27,21 @@ from pathlib import Path
 
 import numpy as np
 
-SIZE = 64
 CHUNK, OVERLAP = 16, 4
+# name -> (height, width, lengths, tile)
+SIZES = {"64x64": (64, 64, (100, 300), None), "320x240": (240, 320, (16,), None), "720x528": (528, 720, (4,), 128)}
+QUICK_SIZES = {"64x64": (64, 64, (24, 72), None), "96x64": (64, 96, (8,), 32)}
+MEMORY_SIZES = {"320x240": (240, 320, (300, 1000), None)}
 
 
-def _write_checkpoint(path: Path) -> Path:
+def write_checkpoint(path: Path) -> Path:
+    """A checkpoint of the embedded default before fine-tuning (the shipped weights, conv_in widened)."""
     import lightning as L
 
     from lightning_m2s.config import load_config
     from lightning_m2s.train import build_module
 
-    module = build_module(load_config("debug", [f"meta.output_dir={path.parent / 'unused'}"]))
+    module = build_module(load_config("tiny", [f"meta.output_dir={path.parent / 'unused'}"]))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.strategy.connect(module)
@@ -40,21 +49,22 @@ def _write_checkpoint(path: Path) -> Path:
     return path
 
 
-def _write_video(root: Path, frames: int) -> tuple[Path, Path]:
+def write_video(root: Path, frames: int, height: int, width: int, name: str = "in") -> tuple[Path, Path]:
     from lightning_m2s.data.sources.synthetic import SyntheticSource
     from lightning_m2s.data.video_io import write_video
 
-    src = SyntheticSource(num_videos=1, size=(SIZE, SIZE), num_frames=frames, seed=3, max_disparity=6)
-    video, depth = root / f"in{frames}.mp4", root / f"depth{frames}.npy"
+    src = SyntheticSource(num_videos=1, size=(height, width), num_frames=frames, seed=3,
+                          max_disparity=max(6, width // 20))
+    video, depth = root / f"{name}{height}x{width}x{frames}.mp4", root / f"{name}{height}x{width}x{frames}.npy"
     r = src.render(0, np.arange(frames))
     write_video(video, r["left"], fps=24.0)
     np.save(depth, 1.0 / (r["disparity"].astype(np.float32) + 1.0))
     return video, depth
 
 
-def _child(video: str, depth: str, warm_video: str, warm_depth: str, checkpoint: str, out: str) -> None:
-    """One conversion in a fresh process, after a warm-up conversion of a short clip (first-call costs:
-    kernel compilation, allocator growth); prints its report with the process's peak RSS."""
+def _child(video: str, depth: str, warm_video: str, warm_depth: str, checkpoint: str, out: str, tile: str) -> None:
+    """One conversion in a fresh process, after a warm-up conversion of a short clip; prints its report
+    with the process's peak RSS."""
     from lightning_m2s.bench import peak_rss_mb
     from lightning_m2s.convert import convert
     from lightning_m2s.modules import load_refiner
@@ -62,18 +72,49 @@ def _child(video: str, depth: str, warm_video: str, warm_depth: str, checkpoint:
     model, _ = load_refiner(checkpoint)
     kw = dict(model=model, format="sbs", chunk_frames=CHUNK, overlap_frames=OVERLAP, progress=False)
     convert(warm_video, None, out, depth=warm_depth, **kw)
-    report = convert(video, None, out, depth=depth, **kw)
+    report = convert(video, None, out, depth=depth, tile=int(tile) if tile != "none" else None, **kw)
     report["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(report))
 
 
-def _run_child(video: Path, depth: Path, warm: tuple[Path, Path], checkpoint: Path, out: Path) -> dict:
+def run_child(video: Path, depth: Path, warm: tuple[Path, Path], checkpoint: Path, out: Path, tile: int | None) -> dict:
     code = "import sys; from lightning_m2s.benchmarks.convert import _child; _child(*sys.argv[1:])"
-    args = [str(video), str(depth), str(warm[0]), str(warm[1]), str(checkpoint), str(out)]
+    args = [str(video), str(depth), str(warm[0]), str(warm[1]), str(checkpoint), str(out), str(tile or "none")]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"convert benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_sizes(sizes: dict, root: Path, checkpoint: Path) -> dict:
+    """{size: {frames: figures}} for every size and length in `sizes`."""
+    warm = write_video(root, CHUNK + OVERLAP + 4, 64, 64, name="warm")  # two chunks
+    result: dict = {}
+    for name, (height, width, lengths, tile) in sizes.items():
+        runs = {}
+        for n in lengths:
+            video, depth = write_video(root, n, height, width)
+            rep = run_child(video, depth, warm, checkpoint, root / f"out{name}.mp4", tile)
+            video.unlink()
+            runs[str(n)] = {
+                "frames_per_second": round(rep["frames_per_second"], 3),
+                "seconds": round(rep["seconds"], 2),
+                "stage_seconds_per_frame": {k: round(v, 4) for k, v in rep["stage_seconds_per_frame"].items()},
+                "non_model_fraction": round(rep["non_model_fraction"], 4),
+                "peak_rss_mb": round(rep["peak_rss_mb"], 1),
+                "chunks": rep["chunks"],
+                "tiles_per_chunk": rep["tiles_per_chunk"],
+                "boundary_jump": round(rep["boundary_jump"], 4),
+                "within_chunk_jump": round(rep["within_chunk_jump"], 4),
+                "input_boundary_jump": round(rep["input_boundary_jump"], 4),
+                "input_within_jump": round(rep["input_within_jump"], 4),
+            }
+        entry = {"tile": tile, "runs": runs, "non_model_fraction": max(r["non_model_fraction"] for r in runs.values())}
+        if len(lengths) == 2:
+            a, b = (runs[str(n)]["peak_rss_mb"] for n in lengths)
+            entry["peak_rss_growth_mb"], entry["peak_rss_ratio"] = round(b - a, 1), round(b / a, 3)
+        result[name] = entry
+    return result
 
 
 def _step_latency(checkpoint: Path, video: Path, depth: Path, steps: int, repeats: int) -> tuple[float, float]:
@@ -92,7 +133,7 @@ def _step_latency(checkpoint: Path, video: Path, depth: Path, steps: int, repeat
     model, _ = load_refiner(str(checkpoint))
     left = to_float_video(read_frames(video, range(CHUNK)))
     inv = 1.0 / torch.from_numpy(np.load(depth)[:CHUNK].copy())
-    disparity = normalised_disparity(inv, (float(inv.min()), float(inv.max())), int(0.05 * SIZE))
+    disparity = normalised_disparity(inv, (float(inv.min()), float(inv.max())), int(0.05 * left.shape[-1]))
     warped, holes = forward_splat(left, disparity)
     mask = close_mask(holes, 3)
     whole = lambda: model.decode(refine_latent(model, left, warped, mask, steps=steps), 8)  # noqa: E731
@@ -103,39 +144,37 @@ def _step_latency(checkpoint: Path, video: Path, depth: Path, steps: int, repeat
         return best_time(whole, repeats=repeats, warmup=1), best_time(denoise, repeats=repeats, warmup=1)
 
 
+def _checkpoint(root: Path) -> tuple[Path, str]:
+    given = os.environ.get("M2S_BENCH_CHECKPOINT")
+    return (Path(given), given) if given else (write_checkpoint(root / "model.ckpt"), "embedded default, not fine-tuned")
+
+
 def run(quick: bool = False) -> dict:
-    lengths = (24, 72) if quick else (100, 300)
-    result: dict = {"size": SIZE, "chunk_frames": CHUNK, "overlap_frames": OVERLAP, "format": "sbs"}
+    result: dict = {"chunk_frames": CHUNK, "overlap_frames": OVERLAP, "format": "sbs"}
     with tempfile.TemporaryDirectory(prefix="m2s-bench-convert-") as tmp:
         root = Path(tmp)
-        given = os.environ.get("M2S_BENCH_CHECKPOINT")
-        checkpoint = Path(given) if given else _write_checkpoint(root / "model.ckpt")
-        result["checkpoint"] = given or "untrained debug module"
-        warm = _write_video(root, CHUNK + OVERLAP + 4)  # two chunks
-        for n in lengths:
-            video, depth = _write_video(root, n)
-            rep = _run_child(video, depth, warm, checkpoint, root / f"out{n}.mp4")
-            result[f"frames_per_second_{n}"] = round(rep["frames_per_second"], 3)
-            result[f"seconds_{n}"] = round(rep["seconds"], 2)
-            result[f"peak_rss_mb_{n}"] = round(rep["peak_rss_mb"], 1)
-            result[f"chunks_{n}"] = rep["chunks"]
-            result[f"boundary_jump_{n}"] = round(rep["boundary_jump"], 4)
-            result[f"within_chunk_jump_{n}"] = round(rep["within_chunk_jump"], 4)
-            result[f"input_boundary_jump_{n}"] = round(rep["input_boundary_jump"], 4)
-            result[f"input_within_jump_{n}"] = round(rep["input_within_jump"], 4)
-        a, b = lengths
-        result["peak_rss_growth_mb"] = round(result[f"peak_rss_mb_{b}"] - result[f"peak_rss_mb_{a}"], 1)
-        result["peak_rss_ratio"] = round(result[f"peak_rss_mb_{b}"] / result[f"peak_rss_mb_{a}"], 3)
-        video, depth = warm
+        checkpoint, result["checkpoint"] = _checkpoint(root)
+        result["sizes"] = measure_sizes(QUICK_SIZES if quick else SIZES, root, checkpoint)
+        video, depth = write_video(root, CHUNK, 64, 64, name="latency")
         start = time.perf_counter()
-        one, one_denoise = _step_latency(checkpoint, video, depth, steps=1, repeats=3 if quick else 5)
-        many, many_denoise = _step_latency(checkpoint, video, depth, steps=25, repeats=1 if quick else 2)
+        one, one_denoise = _step_latency(checkpoint, video, depth, steps=1, repeats=3)
+        many, many_denoise = _step_latency(checkpoint, video, depth, steps=25, repeats=1)
         result["latency_s_1_step"] = round(one, 3)
         result["latency_s_25_steps"] = round(many, 3)
         result["latency_ratio_25_vs_1"] = round(many / one, 2)  # whole clip: encode + steps + decode
         result["denoise_s_1_step"] = round(one_denoise, 4)
         result["denoise_s_25_steps"] = round(many_denoise, 3)
         result["denoise_ratio_25_vs_1"] = round(many_denoise / one_denoise, 2)  # the UNet part alone
-        result["latency_clip"] = f"{CHUNK}x{SIZE}x{SIZE}"
+        result["latency_clip"] = f"{CHUNK}x64x64"
         result["latency_bench_seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def run_memory(quick: bool = False) -> dict:
+    """Peak RSS of 300 vs 1000 frames at 320x240 (quick: 24 vs 72 frames at 64 px)."""
+    with tempfile.TemporaryDirectory(prefix="m2s-bench-convert-") as tmp:
+        root = Path(tmp)
+        checkpoint, name = _checkpoint(root)
+        sizes = {"64x64": (64, 64, (24, 72), None)} if quick else MEMORY_SIZES
+        return {"chunk_frames": CHUNK, "overlap_frames": OVERLAP, "checkpoint": name,
+                "sizes": measure_sizes(sizes, root, checkpoint)}
