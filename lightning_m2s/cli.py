@@ -337,9 +337,12 @@ def quiet_libraries() -> None:
     """Keep the console to progress bars and reports: Lightning's start-up notes (accelerators found, a
     logger tip, the test-batch limit) are informational log records; warnings and errors still show."""
     import logging
+    import warnings
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning's own use of a torch API that torch deprecated: nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def main(argv: list[str] | None = None) -> None:
