@@ -40,12 +40,12 @@ class LastCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimiser steps: with gradient accumulation several batches share one
         if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_step:
-            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimiser, loops, callbacks
+            trainer.save_checkpoint(self.path)
             self._saved_step = step
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimiser, loops, callbacks
+            trainer.save_checkpoint(self.path)
 
 
 def _loads(path: Path) -> bool:

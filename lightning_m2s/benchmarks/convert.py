@@ -45,7 +45,7 @@ def write_checkpoint(path: Path) -> Path:
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.strategy.connect(module)
-    trainer.save_checkpoint(path, weights_only=False)
+    trainer.save_checkpoint(path)
     return path
 
 

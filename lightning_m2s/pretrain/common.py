@@ -85,3 +85,16 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+GRAD_CLIP = 1.0  # every recipe clips the gradient norm at 1, as the fine-tune does
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, recipe: str, step: int) -> None:
+    """One clipped optimiser step on `loss`; a non-finite loss stops the recipe, naming the step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"pretrain {recipe}: non-finite loss {float(loss)} at step {step + 1}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    opt.step()

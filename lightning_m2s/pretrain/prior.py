@@ -57,7 +57,6 @@ PRIOR_RECIPE = {
     "eval_sigmas": [0.1, 1.0, 10.0, 700.0],
     "checkpoint_every": 100,
 }
-GRAD_CLIP = 1.0
 
 
 class ImageToVideoPrior(torch.nn.Module):
@@ -166,12 +165,7 @@ def train_prior(vae_dir: str | Path, out: str | Path, settings: dict | None = No
                 group["lr"] = common.lr_at(step, s["steps"], s["lr"])
             video, fps = _batch(sampler, s, rng)
             loss = prior.loss(video, fps, noise).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretrain prior: non-finite loss {float(loss)} at step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), GRAD_CLIP)
-            opt.step()
+            common.optimizer_step(loss, opt, unet.parameters(), "prior", step)
             step += 1
             train_s += time.perf_counter() - t_step
             history.append(float(loss.detach()))

@@ -53,7 +53,13 @@ VAE_RECIPE = {
 # diffusers initialises the posterior log-variance near 0 (noise of std 1 on means of std ~0.3): the
 # decoder would see mostly noise. Start at std e^-4; the KL term and reconstruction move it.
 LOGVAR_INIT = -8.0
-GRAD_CLIP = 1.0
+
+
+def _progress(vae, opt, step: int, settings: dict, sampler, noise: torch.Generator, history: list, train_s: float) -> dict:
+    """What a VAE recipe's checkpoint holds to resume exactly: weights, optimiser, step, every RNG."""
+    return {"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": settings,
+            "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
+            "history": history, "train_s": train_s}
 
 
 def new_vae(seed: int):
@@ -149,12 +155,7 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
             l1 = err.abs().mean()
             # L1 for sharpness plus MSE (what PSNR measures); SD-VAE's KL convention: summed per image
             loss = l1 + err.square().mean() + s["kl_weight"] * post.kl().mean() / x[0].numel()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretrain vae: non-finite loss {float(loss)} at step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP)
-            opt.step()
+            common.optimizer_step(loss, opt, vae.parameters(), "vae", step)
             step += 1
             train_s += time.perf_counter() - t_step
             history.append(float(l1.detach()))
@@ -162,11 +163,7 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
                 bar.set_postfix(l1=f"{history[-1]:.4f}", refresh=False)
                 bar.update(1)
             if step % s["checkpoint_every"] == 0 and step < total:
-                common.save_checkpoint(ckpt, {
-                    "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": s,
-                    "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
-                    "history": history, "train_s": train_s,
-                })
+                common.save_checkpoint(ckpt, _progress(vae, opt, step, s, sampler, noise, history, train_s))
             if on_step is not None:
                 on_step(step, history[-1])
     finally:
@@ -289,10 +286,7 @@ def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None =
             err = y - x
             l1 = err.abs().mean()
             loss = l1 + err.square().mean() + s["lpips_weight"] * lpips(y, x).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, GRAD_CLIP)
-            opt.step()
+            common.optimizer_step(loss, opt, trained, "decoder", step)
             step += 1
             train_s += time.perf_counter() - t_step
             history.append(float(loss.detach()))
@@ -300,11 +294,7 @@ def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None =
                 bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}", refresh=False)
                 bar.update(1)
             if step % s["checkpoint_every"] == 0 and step < s["steps"]:
-                common.save_checkpoint(ckpt, {
-                    "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": s,
-                    "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
-                    "history": history, "train_s": train_s,
-                })
+                common.save_checkpoint(ckpt, _progress(vae, opt, step, s, sampler, noise, history, train_s))
             if on_step is not None:
                 on_step(step, history[-1])
     finally:
