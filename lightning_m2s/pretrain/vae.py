@@ -62,6 +62,15 @@ def _progress(vae, opt, step: int, settings: dict, sampler, noise: torch.Generat
             "history": history, "train_s": train_s}
 
 
+def _resume(state: dict, vae, opt, sampler, noise: torch.Generator) -> tuple[int, list, float]:
+    """Restore what `_progress` saved; returns (step, loss history, training seconds)."""
+    vae.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sampler.rng.bit_generator.state = state["sampler_rng"]
+    noise.set_state(state["noise_rng"])
+    return state["step"], state["history"], state["train_s"]
+
+
 def new_vae(seed: int):
     """A fresh tiny AutoencoderKLTemporalDecoder, initialised to learn fast (see the two comments)."""
     from diffusers import AutoencoderKLTemporalDecoder
@@ -129,11 +138,7 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
     step, history, train_s = 0, [], 0.0
     state = common.load_checkpoint(ckpt, s)
     if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.rng.bit_generator.state = state["sampler_rng"]
-        noise.set_state(state["noise_rng"])
-        step, history, train_s = state["step"], state["history"], state["train_s"]
+        step, history, train_s = _resume(state, vae, opt, sampler, noise)
         log.info("pretrain vae: resuming %s at step %d of %d", out, step, total)
 
     bar = common.progress(total, step, "pretrain vae", progress)
@@ -263,11 +268,7 @@ def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None =
     step, history, train_s = 0, [], 0.0
     state = common.load_checkpoint(ckpt, s)
     if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.rng.bit_generator.state = state["sampler_rng"]
-        noise.set_state(state["noise_rng"])
-        step, history, train_s = state["step"], state["history"], state["train_s"]
+        step, history, train_s = _resume(state, vae, opt, sampler, noise)
     bar = common.progress(s["steps"], step, "pretrain decoder", progress)
     vae.requires_grad_(False)  # after the evaluations above, which freeze the whole VAE
     for p in trained:
