@@ -88,6 +88,20 @@ class ArrayDepth(DepthSource):
         return np.array(self.array[start:stop], dtype=np.float32)
 
 
+class NpyDepth(ArrayDepth):
+    """A .npy file, memory-mapped anew for every read: the pages a read touches leave the process with
+    its map, so passes over a long video (the range pass, the chunks) keep one chunk resident, not the
+    file (1000 frames of 320x240 float32 are 300 MB)."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(path, np.load(path, mmap_mode="r"), kind)
+        self.array = None  # the shape is known; each read maps the file itself
+
+    def _raw(self, start: int, stop: int) -> np.ndarray:
+        array = _squeeze_depth(np.load(self.path, mmap_mode="r"), self.path)
+        return np.array(array[start:stop], dtype=np.float32)
+
+
 class PngFolderDepth(DepthSource):
     """One grey PNG per frame (16- or 8-bit), sorted by file name."""
 
@@ -160,10 +174,11 @@ def open_depth_file(path: str | Path, kind: str = "auto") -> DepthSource:
         return PngFolderDepth(path, files, "inverse" if kind == "auto" else kind)
     if suffix == ".npy":
         try:
-            array = np.load(path, mmap_mode="r")
+            return NpyDepth(path, "depth" if kind == "auto" else kind)
+        except (DataError, GeometryError):
+            raise
         except Exception as err:  # noqa: BLE001
             raise DataError(f"cannot read depth {path}: {err}") from err
-        return ArrayDepth(path, array, "depth" if kind == "auto" else kind)
     if suffix == ".npz":
         try:
             with np.load(path) as z:
@@ -282,7 +297,7 @@ def estimate_depth(
     batch_size: int = 8,
     device: str = "cpu",
     progress: bool = False,
-) -> ArrayDepth:
+) -> NpyDepth:
     """Relative inverse depth of `video` by the model in `model_dir`, written to `out_path` (.npy, memory-mapped)."""
     from PIL import Image
     from tqdm.auto import tqdm
@@ -320,4 +335,5 @@ def estimate_depth(
     blend_windows(predict, T, write, window, overlap)
     bar.close()
     out.flush()
-    return ArrayDepth(Path(out_path), np.load(out_path, mmap_mode="r"), "inverse")
+    del out  # unmapped: the written pages leave the process
+    return NpyDepth(Path(out_path), "inverse")

@@ -167,6 +167,25 @@ def test_depth_files_npz_npy_png_video_agree(tmp_path, clip):
         torch.testing.assert_close(torch.cat(parts), full, atol=tol * 10, rtol=0, msg=str(path))
 
 
+def test_a_pass_over_a_npy_depth_keeps_one_chunk_resident(tmp_path):
+    """Reading a long depth file chunk by chunk must not leave the whole file in the process's memory
+    (a kept memory map would: every page read stays resident)."""
+    path = tmp_path / "long.npy"
+    depth = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(400, 240, 320))  # 123 MB
+    depth[:] = np.linspace(1, 2, 400, dtype=np.float32)[:, None, None]
+    depth.flush()
+    del depth
+
+    def resident_mb() -> float:
+        return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+    src = open_depth_file(path)
+    before = resident_mb()
+    lo, hi = inverse_range(src, chunk=16)
+    assert (lo, hi) == pytest.approx((0.5, 1.0))
+    assert resident_mb() - before < 40, "the depth file stayed resident after the pass"
+
+
 def test_depth_file_errors(tmp_path, clip):
     with pytest.raises(DataError, match="not found"):
         open_depth_file(tmp_path / "nope.npz")
