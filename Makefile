@@ -45,7 +45,7 @@ optuna-dashboard: $(STAMP) ## serve optuna-dashboard over the study storage: [ST
 notebook: $(STAMP) ## execute notebooks/tables_4_10.ipynb headless and write its HTML report
 	$(BIN)/m2s notebook
 
-weights: $(STAMP) ## re-make the shipped tiny SVD under weights/ with its recipes (about 1.5 hours; resumable)
+weights: $(STAMP) ## re-make the shipped tiny SVD under weights/ with its recipes (about 2 hours; resumable)
 	$(BIN)/m2s pretrain vae
 	$(BIN)/m2s pretrain prior
 	$(BIN)/m2s pretrain decoder

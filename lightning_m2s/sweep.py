@@ -29,6 +29,7 @@ from lightning_m2s import tracking
 from lightning_m2s.config import SWEEPS_DIR, check_name, load_config, resolve_file, to_container, work_root
 from lightning_m2s.errors import ConfigError, Interrupted
 from lightning_m2s.evaluation import floors
+from lightning_m2s.models import embedded
 
 TRIAL_ENV = "M2S_SWEEP_TRIAL"  # the running trial's config, for the other ranks of a multi-device trial
 SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
@@ -275,6 +276,18 @@ def worker_tags() -> dict[str, str]:
             "m2s.torch_threads": str(torch.get_num_threads())}
 
 
+def name_of_study(spec: SweepSpec, experiment: str, overrides: list[str] | None, cfg) -> str:
+    """The Optuna study of a grid: other settings, or other shipped weights (re-made by `make weights`),
+    are another study, so their trials never mix and their checkpoints never resume."""
+    name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
+    identity = sorted(overrides or [])
+    if cfg.model.pretrained == embedded.EMBEDDED_NAME:
+        identity.append(f"weights={embedded.manifest_digest()}")
+    if identity:
+        name += "-" + hashlib.sha256(" ".join(identity).encode()).hexdigest()[:8]
+    return name
+
+
 def run_sweep(
     name: str | Path,
     experiment: str | None = None,
@@ -311,10 +324,8 @@ def run_sweep(
     spec = load_sweep(name)
     experiment = experiment or spec.experiment
     user_overrides = _sweep_overrides(spec, overrides)
-    load_config(experiment, user_overrides)  # fail before any trial on a bad key
-    study_name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
-    if overrides:  # other settings are another study: never mix their trials or resume their checkpoints
-        study_name += "-" + hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
+    cfg = load_config(experiment, user_overrides)  # fail before any trial on a bad key
+    study_name = name_of_study(spec, experiment, overrides, cfg)
     storage_url = storage or f"sqlite:///{work_root() / 'optuna.db'}"
     study = optuna.create_study(
         study_name=study_name,

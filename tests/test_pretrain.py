@@ -17,7 +17,7 @@ from lightning_m2s.models import embedded
 from lightning_m2s.models.refiner import build_refiner
 from lightning_m2s.models.unet import load_unet
 from lightning_m2s.pretrain.export import export
-from lightning_m2s.pretrain.prior import train_prior
+from lightning_m2s.pretrain.prior import PRIOR_RECIPE, ImageToVideoPrior, train_prior
 from lightning_m2s.pretrain.vae import refine_decoder, train_vae
 from lightning_m2s.train import build_module, train
 
@@ -79,6 +79,20 @@ def test_recipe_settings_are_checked():
         train_vae("/nonexistent", {"stepz": 1})
     with pytest.raises(ConfigError, match="steps=.*must be like"):
         train_prior("/nonexistent", "/nonexistent", {"steps": "many"})
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_the_prior_trains_a_share_of_clips_at_sigma_max(share):
+    """The one-step regime (Eq. 4) is trained: `sigma_max_share` of the draws sit at sigma_max, the rest
+    are SVD's log-normal (which reaches 700 about once in 4000 draws)."""
+    settings = {**PRIOR_RECIPE, "sigma_max_share": share}
+    prior = ImageToVideoPrior(None, None, None, settings)
+    sigma = prior.training_sigma(4000, torch.Generator().manual_seed(0))
+    at_max = (sigma == prior.denoiser.sigma_max).float().mean().item()
+    assert at_max == pytest.approx(share, abs=0.03)
+    if share < 1:  # the rest: log-normal around p_mean
+        rest = sigma[sigma < prior.denoiser.sigma_max]
+        assert torch.log(rest).mean().item() == pytest.approx(settings["p_mean"], abs=0.1)
 
 
 TINY_VAE = {"steps": 24, "final_steps": 4, "num_synthetic": 2, "num_pans": 3, "pool_frames": 8,

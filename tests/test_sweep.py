@@ -12,7 +12,7 @@ import yaml
 from lightning_m2s.config import SWEEPS_DIR, load_config
 from lightning_m2s.dashboard import free_port, start_server, stop_server, wait_ready
 from lightning_m2s.errors import ConfigError
-from lightning_m2s.sweep import load_sweep, run_sweep
+from lightning_m2s.sweep import load_sweep, name_of_study, run_sweep
 
 SWEEPS = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
 # Baseline arms train nothing, so a grid over them exercises Optuna + MLflow + evaluation in seconds.
@@ -35,6 +35,28 @@ def test_sweep_file_is_valid_and_every_arm_is_a_valid_config(name):
             load_config(spec.experiment, overrides + [f"{k}={v}" for k, v in arm_overrides.items()])
     else:
         assert spec.search_space and spec.trials
+
+
+def test_other_settings_or_other_shipped_weights_are_another_study(tmp_path, monkeypatch):
+    """A grid over the embedded weights never reuses trials of weights re-made since (`make weights`)."""
+    import shutil
+
+    from lightning_m2s.models import embedded
+
+    spec = load_sweep("left_cond")
+    cfg = load_config(spec.experiment)
+    shipped = name_of_study(spec, spec.experiment, [], cfg)
+    assert shipped == name_of_study(spec, spec.experiment, [], cfg)  # the same grid finds its study again
+    assert name_of_study(spec, spec.experiment, ["optim.lr=1e-3"], cfg) != shipped
+    remade = tmp_path / "weights"
+    shutil.copytree(embedded.weights_root(), remade)
+    manifest = json.loads((remade / "manifest.json").read_text())
+    manifest["metrics"]["prior"]["steps"] += 1  # a re-run of the recipes
+    (remade / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv(embedded.WEIGHTS_ENV, str(remade))
+    assert name_of_study(spec, spec.experiment, [], cfg) != shipped
+    debug = load_config("debug")  # a random tiny model: the weights are not part of it
+    assert name_of_study(spec, "debug", [], debug) == "left_cond-debug"
 
 
 def _arm_configs(name):

@@ -11,8 +11,8 @@ write = compose + encode the video; read, depth and splat run in a reader thread
 thread, beside the model) and `non_model_fraction`, the share of the wall time outside the model.
 The 1-step vs 25-step latency ratio is measured on one 16-frame 64 px chunk in this process, and the
 chunk-boundary jump (mean absolute change of the per-frame mean colour across chunk boundaries vs
-within chunks) comes with each run. `m2s bench convert_memory` converts 300 and 1000 frames at 320x240
-(about an hour on 2 cores).
+within chunks) comes with each run. `m2s bench convert_memory`: peak RSS against video length, 300 vs
+1000 frames at 64x64 (5 minutes on 2 cores) and at 320x240 (about 2 hours).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ CHUNK, OVERLAP = 16, 4
 # name -> (height, width, lengths, tile)
 SIZES = {"64x64": (64, 64, (100, 300), None), "320x240": (240, 320, (16,), None), "720x528": (528, 720, (4,), 128)}
 QUICK_SIZES = {"64x64": (64, 64, (24, 72), None), "96x64": (64, 96, (8,), 32)}
-MEMORY_SIZES = {"320x240": (240, 320, (300, 1000), None)}
+MEMORY_SIZES = {"64x64": (64, 64, (300, 1000), None), "320x240": (240, 320, (300, 1000), None)}
 
 
 def write_checkpoint(path: Path) -> Path:
@@ -171,7 +171,7 @@ def run(quick: bool = False) -> dict:
 
 
 def run_memory(quick: bool = False) -> dict:
-    """Peak RSS of 300 vs 1000 frames at 320x240 (quick: 24 vs 72 frames at 64 px)."""
+    """Peak RSS against video length (MEMORY_SIZES; quick: 24 vs 72 frames at 64 px)."""
     with tempfile.TemporaryDirectory(prefix="m2s-bench-convert-") as tmp:
         root = Path(tmp)
         checkpoint, name = _checkpoint(root)

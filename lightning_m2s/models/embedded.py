@@ -33,6 +33,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest() -> str:
+    """The shipped weights' identity: the sha256 of their manifest (which holds every file's)."""
+    path = weights_root() / "manifest.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: the embedded weights' manifest is missing (run `make weights`)")
+    return sha256(path)[:16]
+
+
 def verify(root: Path) -> dict:
     """Check every file of `root`/tiny-svd against `root`/manifest.json; returns the manifest.
 
