@@ -277,15 +277,19 @@ def worker_tags() -> dict[str, str]:
 
 
 def name_of_study(spec: SweepSpec, experiment: str, overrides: list[str] | None, cfg) -> str:
-    """The Optuna study of a grid: other settings, or other shipped weights (re-made by `make weights`),
-    are another study, so their trials never mix and their checkpoints never resume."""
+    """The Optuna study of a grid: other settings (overrides, an edited experiment file, other default
+    data), or other shipped weights (re-made by `make weights`), are another study, so their trials never
+    mix and their checkpoints never resume."""
+    from lightning_m2s.data import datamodule
+
     name = spec.study if experiment == spec.experiment else f"{spec.study}-{experiment}"
-    identity = sorted(overrides or [])
+    identity = sorted(overrides or []) + [
+        OmegaConf.to_yaml(cfg, resolve=True),
+        json.dumps([datamodule.DEFAULT_TRAIN, datamodule.DEFAULT_VAL, datamodule.DEFAULT_TEST], sort_keys=True),
+    ]
     if cfg.model.pretrained == embedded.EMBEDDED_NAME:
         identity.append(f"weights={embedded.manifest_digest()}")
-    if identity:
-        name += "-" + hashlib.sha256(" ".join(identity).encode()).hexdigest()[:8]
-    return name
+    return name + "-" + hashlib.sha256("\n".join(identity).encode()).hexdigest()[:8]
 
 
 def run_sweep(

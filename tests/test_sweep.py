@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from lightning_m2s.config import SWEEPS_DIR, load_config
+from lightning_m2s.data import datamodule
 from lightning_m2s.dashboard import free_port, start_server, stop_server, wait_ready
 from lightning_m2s.errors import ConfigError
 from lightning_m2s.sweep import load_sweep, name_of_study, run_sweep
@@ -55,8 +56,13 @@ def test_other_settings_or_other_shipped_weights_are_another_study(tmp_path, mon
     (remade / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setenv(embedded.WEIGHTS_ENV, str(remade))
     assert name_of_study(spec, spec.experiment, [], cfg) != shipped
+    monkeypatch.delenv(embedded.WEIGHTS_ENV)
+    # an edited experiment file (the same overrides) and other default training data: other studies
+    assert name_of_study(spec, spec.experiment, [], load_config(spec.experiment, ["optim.lr=1e-3"])) != shipped
+    monkeypatch.setattr(datamodule, "DEFAULT_TRAIN", datamodule.DEFAULT_TRAIN[:1])
+    assert name_of_study(spec, spec.experiment, [], cfg) != shipped
     debug = load_config("debug")  # a random tiny model: the weights are not part of it
-    assert name_of_study(spec, "debug", [], debug) == "left_cond-debug"
+    assert name_of_study(spec, "debug", [], debug).startswith("left_cond-debug-")
 
 
 def _arm_configs(name):
