@@ -58,7 +58,8 @@ class SyntheticSource(StereoSource):
     nearest layer (upper bound); fence_prob: chance of a thin fence layer; subpixel: False rounds
     positions and disparities to whole pixels (exact pixel copies, for geometry tests);
     error_blur (px sigma), error_scale (std of the log scale factor), error_thin (miss the fence):
-    errors of the returned disparity only.
+    errors of the returned disparity only. num_objects: (min, max) foreground objects per scene (more
+    objects, more depth edges and disocclusions).
     """
 
     name = "synthetic"
@@ -74,6 +75,7 @@ class SyntheticSource(StereoSource):
         min_disparity: float = 0.5,
         pan_speed: float = 0.6,
         fence_prob: float = 0.3,
+        num_objects: tuple[int, int] = (1, 2),
         subpixel: bool = True,
         error_blur: float = 0.0,
         error_scale: float = 0.0,
@@ -91,6 +93,9 @@ class SyntheticSource(StereoSource):
         self.max_disparity, self.min_disparity = float(max_disparity), float(min_disparity)
         self.pan_speed, self.fence_prob, self.subpixel = float(pan_speed), float(fence_prob), bool(subpixel)
         self.error_blur, self.error_scale, self.error_thin = float(error_blur), float(error_scale), bool(error_thin)
+        self.num_objects = tuple(int(n) for n in num_objects)
+        if len(self.num_objects) != 2 or not 0 <= self.num_objects[0] <= self.num_objects[1]:
+            raise ConfigError(f"synthetic: num_objects must be (min, max) with 0 <= min <= max, got {num_objects}")
         self.cache_scenes = int(cache_scenes)
         self._scenes: OrderedDict[int, tuple[list[Layer], dict]] = OrderedDict()  # per process, rebuilt on demand
 
@@ -129,7 +134,7 @@ class SyntheticSource(StereoSource):
             return self._scenes[i]
         H, W = self.size
         rng = np.random.default_rng([self.seed, i])
-        n_objects = int(rng.integers(1, 3))
+        n_objects = int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
         has_fence = bool(rng.random() < self.fence_prob)
         kinds = ["all", "hill"] + ["object"] * n_objects + (["fence"] if has_fence else [])
         # Disparities far to near: stratified over [min, max], at least 1.5 px apart (2 when integer) so
