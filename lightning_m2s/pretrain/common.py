@@ -1,11 +1,13 @@
-"""What both recipes share: settings with typed overrides, atomic files, resumable checkpoints, a progress bar."""
+"""What the recipes share: settings with typed overrides, atomic files, resumable checkpoints, a progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lightning_m2s.errors import ConfigError, ModelError
@@ -79,12 +81,56 @@ def load_checkpoint(path: Path, settings: dict) -> dict | None:
     return state
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool = True):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class StepLog:
+    """A recipe's per-step bookkeeping: step count, loss history, training seconds, the progress bar, the
+    periodic checkpoint and the on_step hook. `state()` goes into the recipe's checkpoint, `restore` reads it.
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+    on_step(step, loss) runs after every step (and after that step's checkpoint): an exception it raises
+    stops the run like a kill, with the last checkpoint kept."""
+
+    def __init__(self, total: int, desc: str, checkpoint_every: int, progress: bool = True, on_step=None):
+        self.total, self.desc, self.checkpoint_every = total, desc, checkpoint_every
+        self.progress, self.on_step = progress, on_step
+        self.step, self.history, self.train_s = 0, [], 0.0
+        self._bar = None
+
+    def state(self) -> dict:
+        return {"step": self.step, "history": self.history, "train_s": self.train_s}
+
+    def restore(self, state: dict) -> None:
+        self.step, self.history, self.train_s = state["step"], state["history"], state["train_s"]
+
+    def __enter__(self):
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.close()
+
+    def record(self, loss: torch.Tensor, started: float, checkpoint) -> None:
+        """After an optimiser step begun at perf_counter() `started`: count it, show it, and call
+        `checkpoint()` every `checkpoint_every` steps (not after the last: the recipe then saves its result)."""
+        self.step += 1
+        self.train_s += time.perf_counter() - started
+        self.history.append(float(loss.detach()))
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{np.mean(self.history[-20:]):.4f}", refresh=False)
+            self._bar.update(1)
+        if self.step % self.checkpoint_every == 0 and self.step < self.total:
+            checkpoint()
+        if self.on_step is not None:
+            self.on_step(self.step, self.history[-1])
+
+    def summary(self, loss_name: str = "train_loss") -> dict:
+        """The loss over the first and the last tenth of the steps, step count and timing (metrics.json)."""
+        tenth = max(1, len(self.history) // 10)
+        return {f"{loss_name}_first": float(np.mean(self.history[:tenth])),
+                f"{loss_name}_last": float(np.mean(self.history[-tenth:])),
+                "steps": self.step, "train_s": self.train_s, "step_s": self.train_s / max(1, self.step)}
 
 
 GRAD_CLIP = 1.0  # every recipe clips the gradient norm at 1, as the fine-tune does

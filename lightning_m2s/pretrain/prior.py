@@ -152,7 +152,7 @@ def train_prior(vae_dir: str | Path, out: str | Path, settings: dict | None = No
     log.info("pretrain prior: %d clips rendered in %.1f s", len(pool), time.perf_counter() - t_start)
 
     ckpt = out / "checkpoint.pt"
-    step, history, train_s, before = 0, [], 0.0, None
+    steps, before = common.StepLog(s["steps"], "pretrain prior", s["checkpoint_every"], progress, on_step), None
     state = common.load_checkpoint(ckpt, s)
     if state is not None:
         unet.load_state_dict(state["model"])
@@ -160,52 +160,38 @@ def train_prior(vae_dir: str | Path, out: str | Path, settings: dict | None = No
         sampler.rng.bit_generator.state = state["sampler_rng"]
         rng.bit_generator.state = state["batch_rng"]
         noise.set_state(state["noise_rng"])
-        step, history, train_s, before = state["step"], state["history"], state["train_s"], state["before"]
-        log.info("pretrain prior: resuming %s at step %d of %d", out, step, s["steps"])
+        steps.restore(state)
+        before = state["before"]
+        log.info("pretrain prior: resuming %s at step %d of %d", out, steps.step, s["steps"])
     if before is None:
         before = heldout_loss(prior, heldout_clips, s["eval_sigmas"])
 
-    bar = common.progress(s["steps"], step, "pretrain prior", progress)
+    def checkpoint():
+        common.save_checkpoint(ckpt, {
+            "model": unet.state_dict(), "optimizer": opt.state_dict(), "settings": s, "before": before,
+            "sampler_rng": sampler.rng.bit_generator.state, "batch_rng": rng.bit_generator.state,
+            "noise_rng": noise.get_state(), **steps.state(),
+        })
+
     prior.train()
     vae.eval()
-    try:
-        while step < s["steps"]:
+    with steps:
+        while steps.step < s["steps"]:
             t_step = time.perf_counter()
             for group in opt.param_groups:
-                group["lr"] = common.lr_at(step, s["steps"], s["lr"])
+                group["lr"] = common.lr_at(steps.step, s["steps"], s["lr"])
             video, fps = _batch(sampler, s, rng)
             loss = prior.loss(video, fps, noise).mean()
-            common.optimizer_step(loss, opt, unet.parameters(), "prior", step)
-            step += 1
-            train_s += time.perf_counter() - t_step
-            history.append(float(loss.detach()))
-            if bar is not None:
-                bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}", refresh=False)
-                bar.update(1)
-            if step % s["checkpoint_every"] == 0 and step < s["steps"]:
-                common.save_checkpoint(ckpt, {
-                    "model": unet.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": s,
-                    "sampler_rng": sampler.rng.bit_generator.state, "batch_rng": rng.bit_generator.state,
-                    "noise_rng": noise.get_state(), "history": history, "train_s": train_s, "before": before,
-                })
-            if on_step is not None:
-                on_step(step, history[-1])
-    finally:
-        if bar is not None:
-            bar.close()
+            common.optimizer_step(loss, opt, unet.parameters(), "prior", steps.step)
+            steps.record(loss, t_step, checkpoint)
 
     t_eval = time.perf_counter()
     after = heldout_loss(prior, heldout_clips, s["eval_sigmas"])
-    tenth = max(1, len(history) // 10)
     metrics = {
         "heldout_loss_init": before,
         "heldout_loss": after,
         "heldout_clips": s["eval_clips"],
-        "train_loss_first": float(np.mean(history[:tenth])),
-        "train_loss_last": float(np.mean(history[-tenth:])),
-        "steps": step,
-        "train_s": train_s,
-        "step_s": train_s / max(1, step),
+        **steps.summary(),
         "eval_s": time.perf_counter() - t_eval,
         "params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
         "torch": torch.__version__,

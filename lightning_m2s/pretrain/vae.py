@@ -55,20 +55,20 @@ VAE_RECIPE = {
 LOGVAR_INIT = -8.0
 
 
-def _progress(vae, opt, step: int, settings: dict, sampler, noise: torch.Generator, history: list, train_s: float) -> dict:
-    """What a VAE recipe's checkpoint holds to resume exactly: weights, optimiser, step, every RNG."""
-    return {"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step, "settings": settings,
-            "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
-            "history": history, "train_s": train_s}
+def _checkpoint(path: Path, vae, opt, settings: dict, sampler, noise: torch.Generator, steps: common.StepLog) -> None:
+    """What a VAE recipe's checkpoint holds to resume exactly: weights, optimiser, every RNG, the step log."""
+    common.save_checkpoint(path, {"model": vae.state_dict(), "optimizer": opt.state_dict(), "settings": settings,
+                                  "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
+                                  **steps.state()})
 
 
-def _resume(state: dict, vae, opt, sampler, noise: torch.Generator) -> tuple[int, list, float]:
-    """Restore what `_progress` saved; returns (step, loss history, training seconds)."""
+def _resume(state: dict, vae, opt, sampler, noise: torch.Generator, steps: common.StepLog) -> None:
+    """Restore what `_checkpoint` saved."""
     vae.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sampler.rng.bit_generator.state = state["sampler_rng"]
     noise.set_state(state["noise_rng"])
-    return state["step"], state["history"], state["train_s"]
+    steps.restore(state)
 
 
 def new_vae(seed: int):
@@ -135,24 +135,23 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
 
     ckpt = out / "checkpoint.pt"
     total = s["steps"] + s["final_steps"]
-    step, history, train_s = 0, [], 0.0
+    steps = common.StepLog(total, "pretrain vae", s["checkpoint_every"], progress, on_step)
     state = common.load_checkpoint(ckpt, s)
     if state is not None:
-        step, history, train_s = _resume(state, vae, opt, sampler, noise)
-        log.info("pretrain vae: resuming %s at step %d of %d", out, step, total)
+        _resume(state, vae, opt, sampler, noise, steps)
+        log.info("pretrain vae: resuming %s at step %d of %d", out, steps.step, total)
 
-    bar = common.progress(total, step, "pretrain vae", progress)
     vae.train()
-    try:
-        while step < total:
+    with steps:
+        while steps.step < total:
             t_step = time.perf_counter()
-            final = step >= s["steps"]
+            final = steps.step >= s["steps"]
             size = s["size"]
             if final:
                 size = s["final_sizes"][int(sampler.rng.integers(len(s["final_sizes"])))]
             batch = max(1, round(s["batch_size"] * (s["size"] / size) ** 2))
             for group in opt.param_groups:
-                group["lr"] = s["final_lr"] if final else common.lr_at(step, s["steps"], s["lr"])
+                group["lr"] = s["final_lr"] if final else common.lr_at(steps.step, s["steps"], s["lr"])
             x = sampler(batch, s["frames"], size).flatten(0, 1)  # [B*T, 3, S, S]
             post = vae.encode(x).latent_dist
             y = vae.decode(post.sample(generator=noise), num_frames=s["frames"]).sample
@@ -160,20 +159,8 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
             l1 = err.abs().mean()
             # L1 for sharpness plus MSE (what PSNR measures); SD-VAE's KL convention: summed per image
             loss = l1 + err.square().mean() + s["kl_weight"] * post.kl().mean() / x[0].numel()
-            common.optimizer_step(loss, opt, vae.parameters(), "vae", step)
-            step += 1
-            train_s += time.perf_counter() - t_step
-            history.append(float(l1.detach()))
-            if bar is not None:
-                bar.set_postfix(l1=f"{history[-1]:.4f}", refresh=False)
-                bar.update(1)
-            if step % s["checkpoint_every"] == 0 and step < total:
-                common.save_checkpoint(ckpt, _progress(vae, opt, step, s, sampler, noise, history, train_s))
-            if on_step is not None:
-                on_step(step, history[-1])
-    finally:
-        if bar is not None:
-            bar.close()
+            common.optimizer_step(loss, opt, vae.parameters(), "vae", steps.step)
+            steps.record(l1, t_step, lambda: _checkpoint(ckpt, vae, opt, s, sampler, noise, steps))
 
     vae.eval()
     with torch.no_grad():  # SD's recipe: scaling_factor = 1 / std of posterior samples of whole frames
@@ -182,16 +169,11 @@ def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progr
     vae.register_to_config(scaling_factor=1.0 / latent_std)
     t_eval = time.perf_counter()
     psnr = {name: reconstruction_psnr(vae, clips) for name, clips in heldout_views(s["eval_size"], s["eval_frames"], s["eval_clips"]).items()}
-    tenth = max(1, len(history) // 10)
     metrics = {
         "psnr_heldout": {name: float(np.mean(v)) for name, v in psnr.items()},
         "psnr_per_clip": psnr,
         "eval": {"frames": s["eval_frames"], "size": s["eval_size"], "clips": {k: len(v) for k, v in psnr.items()}},
-        "train_l1_first": float(np.mean(history[:tenth])),
-        "train_l1_last": float(np.mean(history[-tenth:])),
-        "steps": step,
-        "train_s": train_s,
-        "step_s": train_s / max(1, step),
+        **steps.summary("train_l1"),
         "eval_s": time.perf_counter() - t_eval,
         "latent_std": latent_std,
         "scaling_factor": float(vae.config.scaling_factor),
@@ -265,21 +247,20 @@ def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None =
     before = {"psnr": {k: float(np.mean(reconstruction_psnr(vae, v))) for k, v in views.items()},
               "lpips": {k: float(np.mean(reconstruction_lpips(vae, v))) for k, v in views.items()}}
     ckpt = out / "checkpoint.pt"
-    step, history, train_s = 0, [], 0.0
+    steps = common.StepLog(s["steps"], "pretrain decoder", s["checkpoint_every"], progress, on_step)
     state = common.load_checkpoint(ckpt, s)
     if state is not None:
-        step, history, train_s = _resume(state, vae, opt, sampler, noise)
-    bar = common.progress(s["steps"], step, "pretrain decoder", progress)
+        _resume(state, vae, opt, sampler, noise, steps)
     vae.requires_grad_(False)  # after the evaluations above, which freeze the whole VAE
     for p in trained:
         p.requires_grad_(True)
     vae.train()
     vae.encoder.eval()
-    try:
-        while step < s["steps"]:
+    with steps:
+        while steps.step < s["steps"]:
             t_step = time.perf_counter()
             for group in opt.param_groups:
-                group["lr"] = common.lr_at(step, s["steps"], s["lr"])
+                group["lr"] = common.lr_at(steps.step, s["steps"], s["lr"])
             x = sampler(s["batch_size"], s["frames"], s["size"]).flatten(0, 1)  # [B*T, 3, S, S]
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample(generator=noise)
@@ -287,32 +268,17 @@ def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None =
             err = y - x
             l1 = err.abs().mean()
             loss = l1 + err.square().mean() + s["lpips_weight"] * lpips(y, x).mean()
-            common.optimizer_step(loss, opt, trained, "decoder", step)
-            step += 1
-            train_s += time.perf_counter() - t_step
-            history.append(float(loss.detach()))
-            if bar is not None:
-                bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}", refresh=False)
-                bar.update(1)
-            if step % s["checkpoint_every"] == 0 and step < s["steps"]:
-                common.save_checkpoint(ckpt, _progress(vae, opt, step, s, sampler, noise, history, train_s))
-            if on_step is not None:
-                on_step(step, history[-1])
-    finally:
-        if bar is not None:
-            bar.close()
+            common.optimizer_step(loss, opt, trained, "decoder", steps.step)
+            steps.record(loss, t_step, lambda: _checkpoint(ckpt, vae, opt, s, sampler, noise, steps))
     vae.eval()
     psnr = {k: reconstruction_psnr(vae, v) for k, v in views.items()}
-    tenth = max(1, len(history) // 10)
     metrics = {
         "psnr_heldout": {k: float(np.mean(v)) for k, v in psnr.items()},
         "lpips_heldout": {k: float(np.mean(reconstruction_lpips(vae, v))) for k, v in views.items()},
         "psnr_per_clip": psnr,
         "before": before,
         "eval": {"frames": s["eval_frames"], "size": s["eval_size"], "clips": {k: len(v) for k, v in psnr.items()}},
-        "train_loss_first": float(np.mean(history[:tenth])),
-        "train_loss_last": float(np.mean(history[-tenth:])),
-        "steps": step, "train_s": train_s, "step_s": train_s / max(1, step),
+        **steps.summary(),
         "scaling_factor": float(vae.config.scaling_factor), "torch": torch.__version__,
     }
     common.write_json(out / "metrics.json", metrics)
