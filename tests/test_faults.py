@@ -113,7 +113,9 @@ def test_sigterm_to_a_sweep_fails_its_trial_and_a_rerun_retries_it(tmp_path):
     assert proc.wait(120) == 143
     import optuna
 
-    (trial,) = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (study_name,) = optuna.get_all_study_names(storage)  # "killed-<digest of its settings>"
+    (trial,) = optuna.load_study(study_name=study_name, storage=storage).get_trials()
     assert trial.state == optuna.trial.TrialState.FAIL
     assert {r.info.status for r in runs(tmp_path)} == {"FAILED"}  # the trial's run and the sweep's
 

@@ -96,7 +96,8 @@ def test_a_preempted_submitit_job_is_requeued_and_its_trial_resumes_from_last_ck
     logs = (job.stdout() or "") + (job.stderr() or "")
     assert "Requeued job" in logs and "preempted" in logs  # submitit's own account of it
     assert re.search(r"resuming from \S*train-seed0/checkpoints/last\.ckpt", logs)
-    trials = optuna.load_study(study_name="preempt", storage=storage).get_trials()
+    (study_name,) = optuna.get_all_study_names(storage)  # "preempt-<digest of its settings>"
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]  # stopped with its last.ckpt, then resumed
     (ckpt,) = last.glob("preempt-*/train-seed0/checkpoints/last.ckpt")
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 4

@@ -159,7 +159,8 @@ def test_postgres_three_workers_run_every_trial_once_and_retry_the_killed_worker
     root, storage, uri, code, out, killed = team_sweep
     assert code == 0, out[-4000:]
     assert f"was killed by signal {signal.SIGKILL.value}" in out
-    study = optuna.load_study(study_name="team", storage=sqlalchemy_url(storage))
+    (study_name,) = optuna.get_all_study_names(sqlalchemy_url(storage))  # "team-<digest of its settings>"
+    study = optuna.load_study(study_name=study_name, storage=sqlalchemy_url(storage))
     trials = study.get_trials()
     done = [t.params["arm"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(done) == sorted(GRID["arms"])  # every grid point exactly once
