@@ -351,7 +351,7 @@ def run_sweep(
     parent = tracking.find_or_create_run(client, exp_id, parent_tags, study_name, {
         "m2s.ablation": spec.name, "m2s.experiment": experiment, "m2s.git_commit": tracking.git_commit(),
         "m2s.objective": spec.objective_metric, "mlflow.note.content": spec.description,
-    })
+    }, settle_s=tracking.RACE_SETTLE_S)  # every worker of a sweep starts here at once
     parent_id = parent.info.run_id
     client.set_terminated(parent_id, status="RUNNING")
 

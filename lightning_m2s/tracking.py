@@ -8,12 +8,14 @@ instead (`http://host:5000`), in which case the server decides where artifacts g
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
 from lightning_m2s.errors import ConfigError
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
+RACE_SETTLE_S = 1.0  # how long a racing create_run may take to land (a tracking server under load)
 # MLflow 3 opens an experiment without this tag as a GenAI one (a traces page); ours are model training
 # (the runs table, metrics and comparisons).
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -75,13 +77,18 @@ def experiment_id(mlflow_client, name: str, artifact_root: str | None = None) ->
         return found.experiment_id
 
 
-def find_or_create_run(mlflow_client, exp_id: str, tags: dict[str, str], run_name: str, extra_tags: dict[str, str]):
-    """The run with `tags`, created if none exists. Workers that race to create it all settle on the
-    oldest one and delete their own duplicates."""
+def find_or_create_run(mlflow_client, exp_id: str, tags: dict[str, str], run_name: str, extra_tags: dict[str, str],
+                       settle_s: float = 0.0):
+    """The run with `tags`, created if none exists. Workers that race to create it (pass `settle_s`,
+    e.g. RACE_SETTLE_S, where they do) all settle on the oldest one and delete their own duplicates."""
     run = find_run(mlflow_client, exp_id, tags)
     if run is not None:
         return run
     mine = mlflow_client.create_run(exp_id, run_name=run_name, tags={**tags, **extra_tags})
+    # A run's start time is its client's clock, so a racer's older run can still be in flight to the
+    # server: wait until it has landed, or two workers would each keep a run the other deletes.
+    if settle_s > 0:
+        time.sleep(settle_s)
     oldest = find_run(mlflow_client, exp_id, tags, oldest=True)
     if oldest.info.run_id != mine.info.run_id:
         mlflow_client.delete_run(mine.info.run_id)

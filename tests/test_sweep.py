@@ -166,3 +166,20 @@ def test_dashboard_serves_the_sweep_runs_and_stops_cleanly(fast_sweep):
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no process of the server's group is left
 
+
+
+def test_racing_workers_settle_on_one_run_when_an_older_run_lands_late(tmp_path, monkeypatch):
+    from lightning_m2s import tracking
+
+    client = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id(client, "sweep-race")
+    tags = {"m2s.study": "race", "m2s.kind": "sweep"}
+    racer = {}
+
+    def another_worker_lands(_seconds):  # its create_run started first (older start time), lands during the wait
+        racer["run"] = client.create_run(exp, start_time=1, tags=tags)
+
+    monkeypatch.setattr(tracking.time, "sleep", another_worker_lands)
+    run = tracking.find_or_create_run(client, exp, tags, "race", {}, settle_s=tracking.RACE_SETTLE_S)
+    assert run.info.run_id == racer["run"].info.run_id  # both workers keep the other worker's run
+    assert [r.info.run_id for r in client.search_runs([exp])] == [run.info.run_id]  # ours was deleted
