@@ -133,6 +133,9 @@ def test_dashboard_sigterm_stops_the_server_group_and_a_busy_port_is_refused(tmp
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 143
     with socket.socket() as s:
+        # SO_REUSEADDR: the server's side of a closed probe connection may sit in TIME_WAIT on the port;
+        # Linux still refuses the bind while any socket listens there
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # nothing listens any more: no orphaned MLflow server
 
 

@@ -167,7 +167,6 @@ def test_dashboard_serves_the_sweep_runs_and_stops_cleanly(fast_sweep):
         os.killpg(proc.pid, 0)  # no process of the server's group is left
 
 
-
 def test_racing_workers_settle_on_one_run_when_an_older_run_lands_late(tmp_path, monkeypatch):
     from lightning_m2s import tracking
 
@@ -181,5 +180,5 @@ def test_racing_workers_settle_on_one_run_when_an_older_run_lands_late(tmp_path,
 
     monkeypatch.setattr(tracking.time, "sleep", another_worker_lands)
     run = tracking.find_or_create_run(client, exp, tags, "race", {}, settle_s=tracking.RACE_SETTLE_S)
-    assert run.info.run_id == racer["run"].info.run_id  # both workers keep the other worker's run
+    assert run.info.run_id == racer["run"].info.run_id  # the older racer's run is the one kept
     assert [r.info.run_id for r in client.search_runs([exp])] == [run.info.run_id]  # ours was deleted
