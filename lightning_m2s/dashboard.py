@@ -40,10 +40,10 @@ def start_server(uri: str | None = None, host: str = "127.0.0.1", port: int = 50
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
-    """Poll the server's health endpoint until it answers (or the process dies)."""
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60.0, stopped=lambda: False) -> None:
+    """Poll the server's health endpoint until it answers (or the process dies, or `stopped()`)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stopped():
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
             raise M2SError(f"mlflow server exited with code {proc.returncode}: {err}")
@@ -54,6 +54,8 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60.0) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
+    if stopped():
+        return
     stop_server(proc)
     raise M2SError(f"mlflow server at {url} did not answer within {timeout:.0f} s")
 
@@ -121,25 +123,26 @@ def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> 
         _print_compare_link(uri, uri.rstrip("/"))
         return
     check_port_free(host, port)
+    signals: list[int] = []
+
+    def on_signal(signum, frame):
+        # only noted: a KeyboardInterrupt raised inside Popen.wait or MLflow's client could leave a lock held
+        # or escape the clean-up (a second signal while the server stops)
+        signals.append(signum)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     proc = start_server(uri, host, port)
     url = f"http://{host}:{port}"
-    stopped = [signal.SIGINT]  # KeyboardInterrupt without a SIGTERM first: Ctrl-C
-
-    def on_sigterm(signum, frame):
-        stopped.insert(0, signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        wait_ready(proc, url)
-        print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
-        _print_compare_link(uri, url)
-        proc.wait()
-        stopped.clear()  # the server ended by itself
-    except KeyboardInterrupt:
-        pass
+        wait_ready(proc, url, stopped=lambda: bool(signals))
+        if not signals:
+            print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
+            _print_compare_link(uri, url)
+        while proc.poll() is None and not signals:  # until Ctrl-C, SIGTERM or the server ends by itself
+            time.sleep(0.2)
     finally:
         stop_server(proc)
-        signal.signal(signal.SIGTERM, previous)
-    if stopped:
-        raise SystemExit(128 + stopped[0])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signals:
+        raise SystemExit(128 + signals[0])
