@@ -1,4 +1,4 @@
-"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook, pretrain."""
+"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook, pretrain, import-release."""
 
 from __future__ import annotations
 
@@ -214,6 +214,16 @@ def _pretrain(args: argparse.Namespace) -> None:
         print(f"pretrain export: {len(manifest['files'])} files, {manifest['size_mb']:.1f} MB, manifest written")
 
 
+def _import_release(args: argparse.Namespace) -> None:
+    from lightning_m2s.models.released import import_release
+
+    record = import_release(args.weights, args.out, svd=args.svd, unet_config=args.unet_config,
+                            full_attention=args.full_attention, dtype=args.dtype, copy=args.copy)
+    parts = ", ".join(record.get("svd_parts", {}).get("parts", [])) or "none (add --svd to convert and evaluate with it)"
+    print(f"wrote {args.out}: unet ({record['unet']['tensors']} tensors, {record['unet']['dtype']}), full attention "
+          f"{'on' if record['full_attention'] else 'off'} (from {record['full_attention_from']}), img2vid-xt parts: {parts}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from lightning_m2s import bench
 
@@ -324,6 +334,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", type=Path, help="export: the prior recipe's folder (default outputs/pretrain/prior)")
     p.add_argument("--dest", type=Path, help="export: the weights folder (default weights/)")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("import-release", help="import the authors' released M2SVid weights into a model directory",
+                       description="Reads the authors' released weight file (m2svid_weights.pt or "
+                       "m2svid_no_full_atten_weights.pt; never runs code from it), maps its UNet to diffusers' "
+                       "UNetSpatioTemporalConditionModel and writes a model directory that loads like any other: "
+                       "model.pretrained=DIR, m2s evaluate DIR, m2s convert --model DIR.")
+    p.add_argument("weights", help="the released .pt file (a DeepSpeed model-states dict)")
+    p.add_argument("--out", required=True, help="the model directory to write (must not exist or be empty)")
+    p.add_argument("--svd", help="a local stable-video-diffusion-img2vid-xt directory: its VAE, image encoder and "
+                   "feature extractor are linked into --out (needed to convert and evaluate), its unet/config.json "
+                   "gives the UNet config")
+    p.add_argument("--unet-config", help="the UNet config (diffusers JSON) instead of img2vid-xt's")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--full-attention", dest="full_attention", action="store_true", default=None,
+                   help="the weights use disocclusion full attention (default: from the file name)")
+    g.add_argument("--no-full-attention", dest="full_attention", action="store_false",
+                   help="the weights do not use it (m2svid_no_full_atten_weights.pt)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="the UNet's stored dtype (default float16, as released)")
+    p.add_argument("--copy", action="store_true", help="copy img2vid-xt's parts instead of linking them")
+    p.set_defaults(func=_import_release)
 
     p = sub.add_parser("bench", help="run benchmarks and print their figures")
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
