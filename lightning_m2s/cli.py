@@ -166,9 +166,9 @@ def _convert(args: argparse.Namespace) -> None:
         close_kernel=args.close_kernel, splat=args.splat, steps=args.steps, chunk_frames=args.chunk_frames,
         overlap_frames=args.overlap_frames, blend_overlap=not args.no_blend_overlap, tile=args.tile,
         tile_overlap=args.tile_overlap, fps=args.fps, fps_id=args.fps_id, decode_chunk_size=args.decode_chunk_size,
-        device=args.device, seed=args.seed, crf=args.crf, lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
+        device=args.device, dtype=args.dtype, seed=args.seed, crf=args.crf, lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
     )
-    report = convert(args.input, args.checkpoint, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
+    report = convert(args.input, args.checkpoint or args.model, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
     print(f"wrote {report['output']}: {report['frames']} frames {report['height']}x{report['width']} as {report['format']}, "
           f"{report['chunks']} chunk(s) x {report['tiles_per_chunk']} tile(s), {report['frames_per_second']:.2f} frames/s")
 
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The test stage of a sweep trial for one checkpoint: the experiment's metrics on "
                        "its test clips (or --sources), the floors (warp-only, classical fill) on the same clips, "
                        "per-clip rows, all logged to MLflow as a run of its own.")
-    p.add_argument("checkpoint", help="a lightning_m2s training checkpoint (.ckpt)")
+    p.add_argument("checkpoint", help="a lightning_m2s training checkpoint (.ckpt), or a model directory (m2s import-release)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.eval_size=128 module.eval.steps=[1,5]")
     p.add_argument("--experiment", default="tiny", help="the experiment whose test data and metrics are used (default tiny)")
     p.add_argument("--sources", metavar="SOURCE[,SOURCE...]",
@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(W), top-bottom (2H), half-top-bottom (H), anaglyph (red-cyan, Dubois), right (the right view only).",
     )
     p.add_argument("input", help="the input video (the left view); only read")
-    p.add_argument("--checkpoint", required=True, help="a lightning_m2s training checkpoint (.ckpt)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="a lightning_m2s training checkpoint (.ckpt)")
+    g.add_argument("--model", help="a model directory, e.g. the authors' model imported by m2s import-release")
     p.add_argument("--out", required=True, help="the output video (.mp4, .mkv or .mov), written atomically")
     p.add_argument("--format", default="sbs", choices=["sbs", "half-sbs", "top-bottom", "half-top-bottom", "anaglyph", "right"],
                    help="stereo layout: sbs | half-sbs | top-bottom | half-top-bottom | anaglyph | right (default sbs)")
@@ -316,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps-id", type=float, help="the model's fps conditioning (default: the input's fps)")
     p.add_argument("--decode-chunk-size", type=int, default=8, help="frames per VAE decoder call (default 8)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="autocast the model's calls (bfloat16 or float16 on GPUs; default: the model's setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the condition noise augmentation")
     p.add_argument("--crf", type=int, default=18, help="H.264 quality (default 18)")
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 (bit-exact, large)")

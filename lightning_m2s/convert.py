@@ -79,6 +79,7 @@ class ConvertOptions:
     fps: float | None = None  # output frame rate; None = the input's
     fps_id: float | None = None  # the model's fps conditioning; None = the input's fps (released inference)
     decode_chunk_size: int = 8  # frames per VAE decoder call
+    dtype: str | None = None  # autocast dtype of the model's calls: bfloat16 | float16 | float32; None = the model's
     device: str | None = None  # None = cuda when available, else cpu
     seed: int = 0  # noise augmentation of the condition (cond_aug) per chunk
     crf: int = 18  # H.264 quality (18 = visually lossless)
@@ -110,6 +111,8 @@ class ConvertOptions:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         if self.close_kernel is not None and (self.close_kernel < 0 or (self.close_kernel > 1 and self.close_kernel % 2 == 0)):
             raise ConfigError(f"close_kernel must be odd (or 0/1 for none), got {self.close_kernel}")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r}: choose from float32, bfloat16, float16")
         if self.decode_chunk_size < 1:
             raise ConfigError(f"decode_chunk_size must be >= 1, got {self.decode_chunk_size}")
         for name in ("fps", "fps_id"):
@@ -450,12 +453,20 @@ def convert(
         writable_folder(folder)  # before the model and depth passes, not after them
     if (depth is None) == (depth_model is None):
         raise ConfigError("give exactly one depth provider: a depth file (--depth FILE) or a model (--depth-model DIR)")
-    if model is None:
+    if model is None and Path(checkpoint).is_dir():  # a model directory (m2s import-release), run as released
+        from lightning_m2s.models.released import load_model_dir
+
+        model, eval_cfg = load_model_dir(checkpoint)
+    elif model is None:
         from lightning_m2s.modules import load_refiner
 
         model, eval_cfg = load_refiner(str(checkpoint))  # ModelError naming the file
     else:
         eval_cfg = {"steps": 1}
+    if opts.dtype is not None:  # autocast around the model's calls (bf16 / fp16 on GPUs)
+        from lightning_m2s.models.refiner import AUTOCAST_DTYPES
+
+        model.autocast_dtype = AUTOCAST_DTYPES[opts.dtype]
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     steps = int(opts.steps or eval_cfg.get("steps", 1))

@@ -71,7 +71,8 @@ def floors(cfg: DictConfig, cache_dir: str | Path) -> dict[str, dict]:
 def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bool = True) -> dict:
     """`m2s evaluate`: a trained checkpoint scored like a sweep trial's test stage (the same metrics,
     floors and per-clip rows) on cfg's test clips, logged to MLflow as a run of its own. The model comes
-    from the checkpoint; the test data and evaluation settings from cfg."""
+    from the checkpoint (or a model directory, e.g. the authors' model imported by m2s import-release);
+    the test data and evaluation settings from cfg."""
     import time
 
     from mlflow.entities import Metric
@@ -81,9 +82,15 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bo
     from lightning_m2s.modules import StereoModule, load_trained_weights, read_checkpoint
 
     checkpoint = Path(checkpoint)
-    ckpt = read_checkpoint(str(checkpoint))  # weights only; ModelError naming the file
-    module = StereoModule(model=ckpt["hyper_parameters"]["model"], eval=to_container(cfg.module.eval))
-    load_trained_weights(module.model, ckpt["state_dict"], str(checkpoint))
+    if checkpoint.is_dir():  # a model directory (m2s import-release): run as its record says; cfg chooses how
+        from lightning_m2s.models.released import RUNTIME_KEYS, model_settings
+
+        model = {**{k: cfg.model[k] for k in RUNTIME_KEYS if k in cfg.model}, **model_settings(checkpoint)}
+        module = StereoModule(model=model, eval=to_container(cfg.module.eval))
+    else:
+        ckpt = read_checkpoint(str(checkpoint))  # weights only; ModelError naming the file
+        module = StereoModule(model=ckpt["hyper_parameters"]["model"], eval=to_container(cfg.module.eval))
+        load_trained_weights(module.model, ckpt["state_dict"], str(checkpoint))
 
     client = tracking.client(cfg.tracking.uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)

@@ -70,7 +70,7 @@ RELEASE_INFERENCE = dict(
     splat="released",
 )
 # Keys of a `model:` section that only choose how to run (not what the model is); kept from the caller.
-RUNTIME_KEYS = ("autocast_dtype", "encode_chunk_size", "decode_chunk_size", "gradient_checkpointing", "variant")
+RUNTIME_KEYS = ("autocast_dtype", "encode_chunk_size", "decode_chunk_size", "gradient_checkpointing")
 
 
 # --- reading the release ------------------------------------------------------------------------------
@@ -325,6 +325,13 @@ def _place_svd_parts(svd: Path, out: Path, copy: bool) -> list[str]:
     return placed
 
 
+def _svd_variant(svd: Path) -> str | None:
+    """"fp16" when img2vid-xt's VAE is there only as the fp16 variant (diffusion_pytorch_model.fp16.*)."""
+    files = [p.name for p in (svd / "vae").glob("diffusion_pytorch_model*")]
+    plain = any(n in files for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    return "fp16" if not plain and any(".fp16." in n for n in files) else None
+
+
 def import_release(
     weights: str | Path,
     out: str | Path,
@@ -378,10 +385,14 @@ def import_release(
         "model": {**RELEASE_MODEL, "full_attention": bool(full_attention)},
         "inference": RELEASE_INFERENCE,
     }
+    variant = _svd_variant(svd) if svd is not None else None
+    if variant:  # the whole directory then loads with model.variant=fp16, as img2vid-xt's fp16-only copies do
+        record["model"]["variant"] = variant
     with temporary(out, directory=True) as tmp:
         meta.save_config(tmp / "unet")
         tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-        save_file(tensors, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        name = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+        save_file(tensors, str(tmp / "unet" / name), metadata={"format": "pt"})
         if svd is not None:
             record["svd_parts"] = {"parts": _place_svd_parts(svd, tmp, copy), "copied": copy}
         (tmp / RELEASE_JSON).write_text(json.dumps(record, indent=2) + "\n")
