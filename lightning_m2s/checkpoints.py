@@ -1,7 +1,10 @@
 """Checkpoints that survive faults: atomic writes, a periodic and an on-interrupt last.ckpt, corrupt-file recovery.
 
-- `AtomicCheckpointIO`: every checkpoint is written under a temporary name and renamed into place, so a
-  kill while writing leaves the previous file, never half of one.
+- `AtomicCheckpointIO`: every checkpoint is written under a temporary name beside its final place and
+  renamed into place, so a kill while writing leaves the previous file, never half of one, and nothing is
+  staged elsewhere ($TMPDIR may be small; a killed save would leak a checkpoint-sized file there).
+  A save that fails (a full disk) is one error naming the file. `remove_temporaries` clears what a
+  killed save left in a run's folder.
 - `LastCheckpoint`: writes `last.ckpt` every `every_n_steps` optimiser steps and when SIGTERM (a
   cluster's preemption) or SIGINT (Ctrl-C) stops training; Lightning stops after the current step.
 - `resumable_checkpoint`: the newest checkpoint that loads (weights only); an unreadable one is moved
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -19,15 +23,48 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_m2s.errors import M2SError
 from lightning_m2s.files import temporary
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(M2SError):
+    """A checkpoint that could not be written (no space left, a read-only folder)."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        with temporary(Path(path)) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+        if "://" in str(path):  # object storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        # Lightning's local save goes through an fsspec transaction, which stages the whole file in $TMPDIR
+        # and copies it over: write straight into a sibling instead.
+        path = Path(path)
+        try:
+            with temporary(path) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:  # torch reports a failed write as a RuntimeError
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {_reason(err)}; earlier "
+                                       "checkpoints are intact, run the same command again to resume") from err
+
+
+def _reason(err: BaseException | None) -> str:
+    """The OS's reason for a failed write: torch's writer reports it as a RuntimeError whose context is it."""
+    first = err
+    while err is not None:
+        if isinstance(err, OSError) and err.errno:
+            return os.strerror(err.errno).lower()
+        err = err.__cause__ or err.__context__
+    return str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete the temporary files (`.<name>.*.tmp`) that saves killed mid-write left in `folder`."""
+    for tmp in Path(folder).glob(".*.ckpt.*.tmp"):
+        log.info("removing %s, left by a save that was interrupted", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 class LastCheckpoint(L.Callback):

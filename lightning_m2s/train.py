@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_m2s import tracking
 from lightning_m2s.callbacks import MediaLogger
-from lightning_m2s.checkpoints import AtomicCheckpointIO, LastCheckpoint, SignalLog, interrupt_signal, resumable_checkpoint
+from lightning_m2s.checkpoints import (AtomicCheckpointIO, LastCheckpoint, SignalLog, interrupt_signal, remove_temporaries,
+                                       resumable_checkpoint)
 from lightning_m2s.config import to_container, work_root
 from lightning_m2s.data.datamodule import StereoDataModule
 from lightning_m2s.errors import ConfigError, Interrupted, M2SError
@@ -89,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     out = output_dir(cfg)
+    remove_temporaries(out / "checkpoints")  # what a save killed mid-write left
     if not cfg.trainer.resume and any((out / "checkpoints").glob("*.ckpt*")):
         raise M2SError(f"{out / 'checkpoints'} holds checkpoints of an earlier run: set trainer.resume=true to "
                        "continue it, or choose another meta.output_dir / meta.run_name")
