@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_m2s.benchmarks.convert import write_img2vid_parts
 from lightning_m2s.cli import main as cli_main
 from lightning_m2s.errors import ModelError
 from lightning_m2s.models import released
@@ -155,24 +156,7 @@ def test_other_unusable_files_are_named(tmp_path):
 
 
 # --- the imported directory wherever a model loads ------------------------------------------------------
-def write_img2vid_parts(root: Path) -> Path:
-    """img2vid-xt's VAE (8x, 4 latent channels), image encoder (64-wide embeddings, the stand-in's context)
-    and feature extractor at tiny width, in diffusers format."""
-    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    AutoencoderKLTemporalDecoder(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                                 latent_channels=4, layers_per_block=1).save_pretrained(root / "vae")
-    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=64)
-    CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
-    EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
-                           sigma_max=700.0, timestep_type="continuous").save_config(root / "scheduler")
-    return root
-
-
+# (beside img2vid-xt's VAE, image encoder and feature extractor at tiny width: write_img2vid_parts)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")

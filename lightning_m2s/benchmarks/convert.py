@@ -11,7 +11,10 @@ write = compose + encode the video; read, depth and splat run in a reader thread
 thread, beside the model) and `non_model_fraction`, the share of the wall time outside the model.
 The 1-step vs 25-step latency ratio is measured on one 16-frame 64 px chunk in this process, and the
 chunk-boundary jump (mean absolute change of the per-frame mean colour across chunk boundaries vs
-within chunks) comes with each run. `m2s bench convert_memory`: peak RSS against video length, 300 vs
+within chunks) comes with each run. `imported`: the same figures for the authors' model imported by `m2s
+import-release` (fp16 autocast on a GPU, with peak GPU memory): M2S_BENCH_MODEL=DIR at 540x960 and 1080x1920
+(tiles of 512 px), else the release stand-in of the tests at 120x200 (its speed is not the real model's; it
+measures the pipeline around it). `m2s bench convert_memory`: peak RSS against video length, 300 vs
 1000 frames at 64x64 (5 minutes on 2 cores) and at 320x240 (about 2 hours).
 """
 
@@ -31,6 +34,10 @@ CHUNK, OVERLAP = 16, 4
 # name -> (height, width, lengths, tile)
 SIZES = {"64x64": (64, 64, (100, 300), None), "320x240": (240, 320, (16,), None), "720x528": (528, 720, (4,), 128)}
 QUICK_SIZES = {"64x64": (64, 64, (24, 72), None), "96x64": (64, 96, (8,), 32)}
+# The authors' model imported by m2s import-release (`imported` in the report): odd sizes, padded to the
+# UNet's 64 px and cropped back; the stand-in on a CPU, M2S_BENCH_MODEL's (img2vid-xt scale) on a GPU.
+IMPORTED_STANDIN_SIZES = {"120x200": (120, 200, (40,), None)}
+IMPORTED_SIZES = {"540x960": (540, 960, (40,), None), "1080x1920": (1080, 1920, (16,), 512)}
 MEMORY_SIZES = {"64x64": (64, 64, (300, 1000), None), "320x240": (240, 320, (300, 1000), None)}
 
 
@@ -64,16 +71,30 @@ def write_video(root: Path, frames: int, height: int, width: int, name: str = "i
 
 def _child(video: str, depth: str, warm_video: str, warm_depth: str, checkpoint: str, out: str, tile: str) -> None:
     """One conversion in a fresh process, after a warm-up conversion of a short clip; prints its report
-    with the process's peak RSS."""
+    with the process's peak RSS (and peak GPU memory on a GPU). `checkpoint` may be a model directory
+    (m2s import-release), converted as released: fp16 autocast on a GPU, the release's splat."""
+    import torch
+
     from lightning_m2s.bench import peak_rss_mb
     from lightning_m2s.convert import convert
-    from lightning_m2s.modules import load_refiner
 
-    model, _ = load_refiner(checkpoint)
-    kw = dict(model=model, format="sbs", chunk_frames=CHUNK, overlap_frames=OVERLAP, progress=False)
-    convert(warm_video, None, out, depth=warm_depth, **kw)
-    report = convert(video, None, out, depth=depth, tile=int(tile) if tile != "none" else None, **kw)
+    kw = dict(format="sbs", chunk_frames=CHUNK, overlap_frames=OVERLAP, progress=False)
+    if Path(checkpoint).is_dir():
+        from lightning_m2s.models.released import load_model_dir
+
+        model, _ = load_model_dir(checkpoint)
+        kw.update(splat="released", dtype="float16" if torch.cuda.is_available() else None)
+    else:
+        from lightning_m2s.modules import load_refiner
+
+        model, _ = load_refiner(checkpoint)
+    convert(warm_video, None, out, depth=warm_depth, model=model, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    report = convert(video, None, out, depth=depth, model=model, tile=int(tile) if tile != "none" else None, **kw)
     report["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(report))
 
 
@@ -102,6 +123,7 @@ def measure_sizes(sizes: dict, root: Path, checkpoint: Path) -> dict:
                 "stage_seconds_per_frame": {k: round(v, 4) for k, v in rep["stage_seconds_per_frame"].items()},
                 "non_model_fraction": round(rep["non_model_fraction"], 4),
                 "peak_rss_mb": round(rep["peak_rss_mb"], 1),
+                **({"peak_gpu_mb": round(rep["peak_gpu_mb"], 1)} if "peak_gpu_mb" in rep else {}),
                 "chunks": rep["chunks"],
                 "tiles_per_chunk": rep["tiles_per_chunk"],
                 "boundary_jump": round(rep["boundary_jump"], 4),
@@ -144,6 +166,40 @@ def _step_latency(checkpoint: Path, video: Path, depth: Path, steps: int, repeat
         return best_time(whole, repeats=repeats, warmup=1), best_time(denoise, repeats=repeats, warmup=1)
 
 
+def write_img2vid_parts(root: Path) -> Path:
+    """img2vid-xt's VAE (8x, 4 latent channels), image encoder (64-wide embeddings: the release stand-in's
+    context width) and feature extractor at tiny random width, in diffusers format."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderKLTemporalDecoder(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                                     latent_channels=4, layers_per_block=1).save_pretrained(root / "vae")
+        clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8, projection_dim=64)
+        CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
+    CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
+    EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
+                           sigma_max=700.0, timestep_type="continuous").save_config(root / "scheduler")
+    return root
+
+
+def _imported_model(root: Path) -> tuple[Path, str]:
+    """M2S_BENCH_MODEL (an imported directory of the authors' model), else the release stand-in of the
+    tests imported beside tiny img2vid-xt parts (the authors' block structure at tiny width, random)."""
+    given = os.environ.get("M2S_BENCH_MODEL")
+    if given:
+        return Path(given), given
+    from lightning_m2s.models.released import import_release
+
+    fixtures = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "m2svid_release"
+    import_release(fixtures / "m2svid_weights_standin.pt", root / "m2svid", svd=write_img2vid_parts(root / "img2vid"),
+                   unet_config=fixtures / "unet_config.json", full_attention=True)
+    return root / "m2svid", "the release stand-in (tiny width, random weights), imported with m2s import-release"
+
+
 def _checkpoint(root: Path) -> tuple[Path, str]:
     given = os.environ.get("M2S_BENCH_CHECKPOINT")
     return (Path(given), given) if given else (write_checkpoint(root / "model.ckpt"), "embedded default, not fine-tuned")
@@ -167,6 +223,9 @@ def run(quick: bool = False) -> dict:
         result["denoise_ratio_25_vs_1"] = round(many_denoise / one_denoise, 2)  # the UNet part alone
         result["latency_clip"] = f"{CHUNK}x64x64"
         result["latency_bench_seconds"] = round(time.perf_counter() - start, 1)
+        model_dir, name = _imported_model(root)
+        sizes = IMPORTED_SIZES if os.environ.get("M2S_BENCH_MODEL") else IMPORTED_STANDIN_SIZES
+        result["imported"] = {"model": name, "sizes": measure_sizes(sizes, root, model_dir)}
     return result
 
 

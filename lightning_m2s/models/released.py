@@ -429,15 +429,6 @@ def load_model_dir(model_dir: str | Path, **runtime) -> tuple:
     return build_refiner(**settings, **runtime).eval(), {"steps": 1}
 
 
-def check_settings(model_dir: str | Path, model_cfg: dict) -> list[str]:
-    """The `model:` keys of `model_cfg` that run an imported directory unlike its release ("key: ours vs
-    released"); empty for a directory without a record."""
-    record = read_record(model_dir)
-    if record is None:
-        return []
-    return [f"{k}: {model_cfg[k]!r} vs {v!r}" for k, v in record["model"].items() if k in model_cfg and model_cfg[k] != v]
-
-
 # --- the release's network on given tensors ----------------------------------------------------------------
 @torch.no_grad()
 def unet_reference_forward(model_dir: str | Path, io: dict) -> torch.Tensor:
