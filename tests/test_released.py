@@ -116,6 +116,9 @@ def test_a_release_file_for_another_config_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(ModelError, match=r"m2svid_weights_standin.pt: the released UNet does not match .*missing"):
         released.import_release(WEIGHTS, tmp_path / "out", unet_config=tmp_path / "c.json", full_attention=True)
     assert not (tmp_path / "out").exists()  # nothing half-written
+    # without a config: img2vid-xt's, whose widths the tiny stand-in does not have (640 -> 1280 needs a shortcut)
+    with pytest.raises(ModelError, match=r"missing 2 key\(s\) .*down_blocks.2.resnets.0.spatial_res_block.conv_shortcut"):
+        released.import_release(WEIGHTS, tmp_path / "out", full_attention=True)
 
 
 class Evil:
@@ -161,14 +164,16 @@ def test_other_unusable_files_are_named(tmp_path):
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
     svd = write_img2vid_parts(root / "svd")
-    cli_main(["import-release", str(WEIGHTS), "--out", str(root / "m2svid"), "--svd", str(svd),
-              "--unet-config", str(UNET_CONFIG)])
+    (svd / "unet").mkdir()  # img2vid-xt's UNet config (8 input channels) at the stand-in's width
+    (svd / "unet" / "config.json").write_text(json.dumps({**json.loads(UNET_CONFIG.read_text()), "in_channels": 8}))
+    cli_main(["import-release", str(WEIGHTS), "--out", str(root / "m2svid"), "--svd", str(svd)])
     return root / "m2svid"
 
 
 def test_the_imported_directory_holds_img2vid_parts_and_loads_as_released(model_dir):
     record = json.loads((model_dir / released.RELEASE_JSON).read_text())
     assert record["full_attention"] is True and record["svd_parts"]["copied"] is False
+    assert record["unet"]["config_from"].endswith("svd/unet/config.json")  # with the release's 13 input channels
     assert all((model_dir / p).is_symlink() for p in ("vae", "image_encoder", "feature_extractor", "scheduler"))
     model, settings = released.load_model_dir(model_dir)
     assert settings == {"steps": 1} and model.unet.conv_in.in_channels == 13

@@ -372,7 +372,7 @@ def import_release(
     config, origin = resolve_unet_config(sgm_state, svd, Path(unet_config) if unet_config else None)
     meta = _meta_unet(config, origin)
     expected = {k: v.shape for k, v in meta.state_dict().items()}
-    state = convert_unet_state(sgm_state, config, expected, str(weights))
+    state = convert_unet_state(sgm_state, dict(meta.config), expected, str(weights))
 
     # 3. The directory: unet/ (safetensors), img2vid-xt's parts, m2svid.json
     record = {
