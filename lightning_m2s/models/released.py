@@ -42,7 +42,6 @@ import torch
 from lightning_m2s.errors import ModelError
 
 RELEASE_JSON = "m2svid.json"
-UNET_PREFIX = "module.model.diffusion_model."
 SVD_PARTS = ("vae", "image_encoder", "feature_extractor", "scheduler")  # taken from img2vid-xt
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT = 1  # of m2svid.json
@@ -59,7 +58,8 @@ RELEASE_MODEL = dict(
     cond_aug_eval=0.02,
     sigma_max=700.0,
 )
-# What the release does at inference (recorded in m2svid.json; convert does the same by default).
+# What the release does at inference (recorded in m2svid.json): m2s convert --model does it, given
+# --splat released and --decode-chunk-size equal to --chunk-frames.
 RELEASE_INFERENCE = dict(
     steps=1,  # one Euler step from a zero latent at sigma_max
     sigma=700.0,
@@ -68,6 +68,7 @@ RELEASE_INFERENCE = dict(
     cond_aug=0.02,  # also added as pixel noise to both condition videos
     max_disparity="int(0.05 * width)",
     splat="released",
+    decode="all frames of a chunk in one call",
 )
 # Keys of a `model:` section that only choose how to run (not what the model is); kept from the caller.
 RUNTIME_KEYS = ("autocast_dtype", "encode_chunk_size", "decode_chunk_size", "gradient_checkpointing")
@@ -88,8 +89,9 @@ def read_release(path: str | Path) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file cannot be trusted or read
         found = _foreign_globals(path)
-        what = (f"needs {', '.join(found[:4])}" if found else
-                f"cannot be read by the weights-only loader ({type(err).__name__})")
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
+        reason = reason.group(1) if reason else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        what = f"needs {', '.join(found[:4])}" if found else f"cannot be read by the weights-only loader ({reason.split('. ')[0][:160]})"
         raise ModelError(f"{path}: refused: the file {what}; a weights file may hold only tensors and plain "
                          "containers (it is loaded with torch.load(weights_only=True) and never runs code)") from None
     module = raw.get("module") if isinstance(raw, dict) else None
@@ -115,7 +117,7 @@ def _foreign_globals(path: Path) -> list[str]:
     import io
     import pickletools
 
-    allowed = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode")
+    containers = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray", "_codecs.encode"}
     names: list[str] = []
     try:
         if zipfile.is_zipfile(path):
@@ -136,7 +138,7 @@ def _foreign_globals(path: Path) -> list[str]:
                         names.append(f"{strings[-2]}.{strings[-1]}")
     except Exception:  # noqa: BLE001 - the end of the pickles, or a file that is not one
         pass
-    return list(dict.fromkeys(n for n in names if not n.startswith(allowed)))
+    return list(dict.fromkeys(n for n in names if not n.startswith("torch.") and n not in containers))
 
 
 def full_attention_from_name(path: str | Path) -> bool | None:
