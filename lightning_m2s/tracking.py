@@ -7,14 +7,16 @@ instead (`http://host:5000`), in which case the server decides where artifacts g
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 from pathlib import Path
 
 from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
-from lightning_m2s.errors import ConfigError
+from lightning_m2s.errors import ConfigError, M2SError
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
+SERVER_TIMEOUT_S = 10.0  # how long a tracking server may take to answer the check before any work
 RACE_SETTLE_S = 1.0  # how long a racing create_run may take to land (a tracking server under load)
 # MLflow 3 opens an experiment without this tag as a GenAI one (a traces page); ours are model training
 # (the runs table, metrics and comparisons).
@@ -28,6 +30,45 @@ def resolve_uri(uri: str | None) -> str:
     if "://" not in uri:
         raise ConfigError(f"tracking.uri {uri!r} is not a URI (expected sqlite:///path.db or http://host:port)")
     return sqlalchemy_url(uri)
+
+
+class TrackingError(M2SError):
+    """A tracking store that cannot be used: a server that does not answer, a database that cannot be written."""
+
+
+def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
+    """An http(s) tracking server must answer now: MLflow's client would retry a dead one for minutes
+    before any error, after the model and data were already built."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)  # any answer will do: it is up
+    except requests.RequestException as err:
+        why = f"no answer within {timeout_s:.0f} s" if isinstance(err, requests.Timeout) else "connection refused"
+        raise TrackingError(f"the MLflow tracking server {uri} does not answer ({why}): start it (mlflow server "
+                            "...) or point tracking.uri / --tracking-uri at one that runs (empty: the local "
+                            "sqlite store)") from err
+
+
+def store_failure(err: BaseException, uri: str) -> TrackingError | None:
+    """`err` as one TrackingError naming the store, when it came from MLflow's client (a database that
+    cannot be written or is locked, a server that went away), else None."""
+    from mlflow.exceptions import MlflowException
+
+    seen, found = err, None
+    while seen is not None and found is None:
+        found = seen if isinstance(seen, MlflowException) else None
+        seen = seen.__cause__ or seen.__context__
+    if found is None:
+        return None
+    root = found
+    while root.__cause__ is not None or root.__context__ is not None:  # the database's or network's own words
+        root = root.__cause__ or root.__context__
+    reason = (str(getattr(root, "orig", None) or root).strip().splitlines() or [type(root).__name__])[0][:200]
+    return TrackingError(f"the tracking store {uri} failed: {reason}; the run stays RUNNING there until it can be "
+                         "written again (run the same command then to resume into it)")
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -52,7 +93,11 @@ def client(uri: str | None = None):
     uri = resolve_uri(uri)
     mlflow.set_tracking_uri(uri)
     if not uri.startswith("sqlite:///"):
+        check_server(uri)
         return mlflow.MlflowClient(tracking_uri=uri)
+    # MLflow logs each database error with its traceback before raising it; train() and sweeps report it
+    # once, as one line naming the store (store_failure)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # The first use creates and migrates the database; two sweep workers doing that at once collide.
     with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
         mlflow_client = mlflow.MlflowClient(tracking_uri=uri)

@@ -87,6 +87,18 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (unless the variant is a training-free baseline), test, and return the metrics: `test/...` of
     the best checkpoint, and `val/...` of the last validation."""
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    tracking.check_server(uri)  # before any work: MLflow's client retries a dead server for minutes
+    try:
+        return _train(cfg)
+    except Exception as err:  # a tracking store that fails mid-run: one line naming it, not MLflow's tracebacks
+        failure = tracking.store_failure(err, uri)
+        if failure is None:
+            raise
+        raise failure from err
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     out = output_dir(cfg)
@@ -139,9 +151,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except BaseException as err:
         signum = interrupt_signal(trainer, signals, err)
         if trainer.is_global_zero:
-            if signum is not None:
-                logger.experiment.set_tag(logger.run_id, "m2s.interrupted", signal.Signals(signum).name)
-            logger.experiment.set_terminated(logger.run_id, status="FAILED")
+            try:
+                if signum is not None:
+                    logger.experiment.set_tag(logger.run_id, "m2s.interrupted", signal.Signals(signum).name)
+                logger.experiment.set_terminated(logger.run_id, status="FAILED")
+            except Exception:  # noqa: BLE001 - the store failed too (read-only, gone): the run's own error counts
+                if tracking.store_failure(err, "") is None:
+                    log.warning("MLflow run %s could not be marked FAILED", logger.run_id)
         if signum is not None:
             raise Interrupted(signum, last.path if last.path.is_file() else None) from err
         raise
