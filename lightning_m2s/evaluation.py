@@ -36,6 +36,33 @@ def test_module(module, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}, module.per_clip
 
 
+def logged_metrics(cfg: DictConfig) -> set[str]:
+    """The metric keys `train(cfg)` returns (`val/...` of a training variant's last validation, `test/...`),
+    known from the config alone: what a sweep's objective may name."""
+    from lightning_m2s.data.datamodule import DEFAULT_TEST, DEFAULT_VAL
+    from lightning_m2s.metrics import metric_keys
+    from lightning_m2s.modules import module_class
+    from lightning_m2s.modules.base import dataset_name, eval_steps
+
+    trains = module_class(cfg.module.variant).trains
+    steps = eval_steps(to_container(cfg.module.eval)["steps"])
+    names = metric_keys(cfg.module.eval.lpips_net is not None)
+    sources = {"val": cfg.data.val_sources, "test": cfg.data.test_sources}
+    defaults = {"val": DEFAULT_VAL, "test": DEFAULT_TEST}
+    keys = {"val/loss"} if trains else set()
+    for stage in ("val", "test") if trains else ("test",):
+        entries = defaults[stage] if sources[stage] is None else to_container(sources[stage])
+        counts = steps if stage == "test" and trains else steps[:1]  # as StereoModule._stage_steps
+        keys |= {f"{stage}/steps", f"{stage}/latency_s"}
+        for dataset in {dataset_name({"source": e["name"]}) for e in entries}:
+            keys |= {f"{stage}/{dataset}/{name}" for name in names}
+            if len(counts) > 1:
+                keys |= {f"{stage}/{dataset}/steps{n}/{name}" for n in counts for name in names}
+        if len(counts) > 1:
+            keys |= {f"{stage}/steps{n}/latency_s" for n in counts}
+    return keys
+
+
 def evaluation_setup(cfg: DictConfig) -> dict:
     """What a floor's numbers depend on."""
     data = to_container(cfg.data)

@@ -71,7 +71,12 @@ class SweepSpec:
 
 def load_sweep(name: str | Path) -> SweepSpec:
     path = resolve_file(name, SWEEPS_DIR, "sweep")
-    raw = to_container(OmegaConf.load(path))
+    try:
+        raw = to_container(OmegaConf.load(path))
+    except Exception as err:  # noqa: BLE001 - YAML syntax (the parser names line and column), unreadable file
+        raise ConfigError(f"{path}: cannot read YAML: {' '.join(str(err).split())}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file must be a mapping of keys, got {type(raw).__name__}")
     unknown = set(raw) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
@@ -276,6 +281,51 @@ def worker_tags() -> dict[str, str]:
             "m2s.torch_threads": str(torch.get_num_threads())}
 
 
+def check_sweep(spec: SweepSpec, experiment: str, user_overrides: list[str]):
+    """Resolve every arm's config (a search space's at its bounds) and check that each logs the objective
+    metric, so a typo is an error before any trial trains. Returns the config without arm overrides."""
+    import difflib
+
+    from lightning_m2s.evaluation import logged_metrics
+
+    cfg = load_config(experiment, user_overrides)
+    if spec.sampler == "grid":
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in spec.seeds):
+            raise ConfigError(f"sweep {spec.name}: seeds must be whole numbers, got {spec.seeds}")
+        arms = {f"arm {arm!r}": [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+                for arm, overrides in spec.arms.items()}
+    else:
+        arms = {f"search_space bound {i}": [f"{k}={_yaml_value(v)}" for k, v in point.items()]
+                for i, point in enumerate(_search_space_bounds(spec))}
+    for where, overrides in arms.items():
+        try:
+            arm_cfg = load_config(experiment, user_overrides + overrides)
+            logged = logged_metrics(arm_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"sweep {spec.name}, {where}: {err}") from err
+        if spec.objective_metric not in logged:
+            close = difflib.get_close_matches(spec.objective_metric, sorted(logged), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; it logs {sorted(logged)}"
+            raise ConfigError(f"sweep {spec.name}: objective.metric {spec.objective_metric!r} is not logged by "
+                              f"experiment {experiment} ({where}){hint}")
+    return cfg
+
+
+def _search_space_bounds(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The corners a search space can reach: every key at its low, then at its high (or first / last choice)."""
+    low, high = {}, {}
+    for key, dist in spec.search_space.items():
+        kind = dist.get("type", "float") if isinstance(dist, dict) else None
+        if kind in ("float", "int") and {"low", "high"} <= set(dist):
+            low[key], high[key] = dist["low"], dist["high"]
+        elif kind == "categorical" and dist.get("choices"):
+            low[key], high[key] = dist["choices"][0], dist["choices"][-1]
+        else:
+            raise ConfigError(f"sweep {spec.name}: search_space.{key} must be {{type: float|int, low, high}} or "
+                              f"{{type: categorical, choices: [...]}}, got {dist!r}")
+    return [low, high]
+
+
 def name_of_study(spec: SweepSpec, experiment: str, overrides: list[str] | None, cfg) -> str:
     """The Optuna study of a grid: other settings (overrides, an edited experiment file, other default
     data), or other shipped weights (re-made by `make weights`), are another study, so their trials never
@@ -328,7 +378,8 @@ def run_sweep(
     spec = load_sweep(name)
     experiment = experiment or spec.experiment
     user_overrides = _sweep_overrides(spec, overrides)
-    cfg = load_config(experiment, user_overrides)  # fail before any trial on a bad key
+    tracking.check_server(tracking.resolve_uri(tracking_uri))  # a dead server would stall every trial
+    cfg = check_sweep(spec, experiment, user_overrides)  # fail before any trial on a bad key or metric
     study_name = name_of_study(spec, experiment, overrides, cfg)
     storage_url = storage or f"sqlite:///{work_root() / 'optuna.db'}"
     study = optuna.create_study(
@@ -367,29 +418,32 @@ def run_sweep(
             "mlflow.parentRunId": parent_id, "m2s.ablation": spec.name, "m2s.experiment": experiment,
             "m2s.seed": str(trial_seed), "m2s.git_commit": tracking.git_commit(),
         })
-        client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
-        for tag, value in worker_tags().items():  # which worker ran it, on which devices
-            client.set_tag(run.info.run_id, tag, value)
         trial_dir = outputs / "sweeps" / study_dir / key
-        cfg_overrides = user_overrides + arm_overrides + [
-            f"tracking.run_id={run.info.run_id}",
-            f"tracking.experiment=sweep-{spec.name}",
-            f"meta.output_dir={trial_dir}",
-        ]
-        if tracking_uri:
-            cfg_overrides.append(f"tracking.uri={tracking_uri}")
-        if devices_per_trial:
-            cfg_overrides.append(f"trainer.devices={devices_per_trial}")
-        cfg = load_config(experiment, cfg_overrides)
-        os.environ[TRIAL_ENV] = json.dumps([experiment, cfg_overrides])  # inherited by DDP rank processes
-        try:
+        try:  # whatever stops the trial, its run is closed: never left RUNNING
+            client.set_tag(run.info.run_id, "m2s.trial", str(trial.number))
+            for tag, value in worker_tags().items():  # which worker ran it, on which devices
+                client.set_tag(run.info.run_id, tag, value)
+            cfg_overrides = user_overrides + arm_overrides + [
+                f"tracking.run_id={run.info.run_id}",
+                f"tracking.experiment=sweep-{spec.name}",
+                f"meta.output_dir={trial_dir}",
+            ]
+            if tracking_uri:
+                cfg_overrides.append(f"tracking.uri={tracking_uri}")
+            if devices_per_trial:
+                cfg_overrides.append(f"trainer.devices={devices_per_trial}")
+            cfg = load_config(experiment, cfg_overrides)
+            os.environ[TRIAL_ENV] = json.dumps([experiment, cfg_overrides])  # inherited by DDP rank processes
             metrics = train(cfg)
+            if spec.objective_metric not in metrics:
+                raise ConfigError(f"sweep {spec.name}: objective metric {spec.objective_metric!r} not among "
+                                  f"{sorted(metrics)}")
         except Exception:
-            client.set_tag(run.info.run_id, "m2s.error", traceback.format_exc()[-4000:])
-            client.set_terminated(run.info.run_id, status="FAILED")
+            _close_failed(client, run.info.run_id, traceback.format_exc()[-4000:])
             raise
-        if spec.objective_metric not in metrics:
-            raise ConfigError(f"sweep {spec.name}: objective metric {spec.objective_metric!r} not among {sorted(metrics)}")
+        except BaseException:  # a signal: train() closed its run already, unless it stopped before
+            _close_failed(client, run.info.run_id)
+            raise
         trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
         trial.set_user_attr("run_id", run.info.run_id)
         trial.set_user_attr("output_dir", str(trial_dir))
@@ -420,9 +474,21 @@ def run_sweep(
             study.optimize(objective, n_trials=n_trials, catch=(Exception,), show_progress_bar=True)
         while spec.sampler == "grid" and trials is None and _wait_for_others(study, spec.heartbeat["interval"]):
             study.optimize(objective, n_trials=1, catch=(Exception,))  # a dead worker's trial, re-queued
-    except Interrupted:  # SIGTERM / SIGINT: the trial and its run are marked failed; so is the sweep's run
-        client.set_terminated(parent_id, status="FAILED")
+        summary = _finish(study, spec, parent_id, client, experiment, user_overrides, outputs, tracking_uri,
+                          first_new, finish)
+    except BaseException:  # SIGTERM / SIGINT (the trial and its run are failed already), or the table failed
+        _close_failed(client, parent_id)
         raise
+    return summary
+
+
+def _finish(study, spec, parent_id, client, experiment, user_overrides, outputs, tracking_uri, first_new,
+            finish) -> dict[str, Any]:
+    """The summary of a sweep run; with `finish`, also the floors, the table on the parent run and the
+    parent run's end: FINISHED when the grid is done, FAILED when a point failed, left RUNNING only while
+    other workers hold points, KILLED when a --trials run stopped short on purpose."""
+    from optuna.trial import TrialState
+
     floor_results = {}
     if spec.sampler == "grid" and finish:
         floor_results, floor_cfg = _grid_floors(experiment, user_overrides, outputs)
@@ -433,11 +499,9 @@ def run_sweep(
     done = grid_done(study)  # a failed trial whose point a retry finished is no failure of this run
     summary["failed_now"] = [r for r in summary["trials"] if r["number"] >= first_new and r["state"] == "FAIL"
                              and (r["arm"], r["seed"]) not in done]
+    held = _points(study, (TrialState.RUNNING,)) - done if spec.sampler == "grid" else set()
     if spec.sampler == "grid":  # points still running in other workers are theirs to finish, not missing
-        from optuna.trial import TrialState
-
-        settled = grid_done(study) | _points(study, (TrialState.RUNNING,))
-        summary["complete"] = all((a, s) in settled for a in spec.arms for s in spec.seeds)
+        summary["complete"] = all((a, s) in done | held for a in spec.arms for s in spec.seeds)
     else:
         summary["complete"] = True
     if not finish:  # the caller finishes the grid once (a launcher, after all its workers)
@@ -447,9 +511,30 @@ def run_sweep(
         from lightning_m2s import report
 
         report.log_summary(client, parent_id, summary, tracking_uri)
-    if spec.sampler != "grid" or len(grid_done(study)) == spec.grid_size:
-        client.set_terminated(parent_id, status="FINISHED")
+    if spec.sampler == "grid":
+        failed = _points(study, (TrialState.FAIL,)) - done - held
+        if len(done) == spec.grid_size:
+            client.set_terminated(parent_id, status="FINISHED")
+        elif summary["failed_now"] or failed:
+            client.set_terminated(parent_id, status="FAILED")
+        elif not held:
+            client.set_terminated(parent_id, status="KILLED")
+    else:
+        client.set_terminated(parent_id, status="FAILED" if summary["failed_now"] else "FINISHED")
     return summary
+
+
+def _close_failed(client, run_id: str, error: str | None = None) -> None:
+    """Mark a trial's run FAILED, with the traceback as its `m2s.error` tag when there is one (a run that
+    trained and then failed the sweep, e.g. on a missing metric, too); without an error, only a run that is
+    still RUNNING. A store that fails as well is only logged: the trial's own error is the one reported."""
+    try:
+        if error is not None:
+            client.set_tag(run_id, "m2s.error", error)
+        if error is not None or client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not mark run %s failed: %s", run_id, err)
 
 
 def _sweep_overrides(spec: SweepSpec, overrides: list[str] | None) -> list[str]:
