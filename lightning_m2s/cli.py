@@ -219,7 +219,9 @@ def _import_release(args: argparse.Namespace) -> None:
 
     record = import_release(args.weights, args.out, svd=args.svd, unet_config=args.unet_config,
                             full_attention=args.full_attention, dtype=args.dtype, copy=args.copy)
-    parts = ", ".join(record.get("svd_parts", {}).get("parts", [])) or "none (add --svd to convert and evaluate with it)"
+    placed = record.get("svd_parts", {})
+    parts = ", ".join(f"{p} ({how})" for how in ("linked", "copied") for p in placed.get(how, []))
+    parts = parts or "none (import with --svd to convert and evaluate with it)"
     print(f"wrote {args.out}: unet ({record['unet']['tensors']} tensors, {record['unet']['dtype']}), full attention "
           f"{'on' if record['full_attention'] else 'off'} (from {record['full_attention_from']}), img2vid-xt parts: {parts}")
 

@@ -51,7 +51,7 @@ def test_import_reproduces_the_authors_outputs(tmp_path, reference_io, full_atte
     out = tmp_path / "m2svid"
     record = run_import(out, "--full-attention" if full_attention else "--no-full-attention")
     assert record["full_attention"] is full_attention and record["full_attention_from"] == "the caller"
-    assert record["source"]["sha256"] == sha256(WEIGHTS) and record["source"]["file"] == str(WEIGHTS.resolve())
+    assert record["source"]["sha256"] == sha256(WEIGHTS) and record["source"]["file"] == str(WEIGHTS.absolute())
     assert record["unet"] == {"dtype": "float16", "tensors": 1426, "config_from": str(UNET_CONFIG)}
     from safetensors import safe_open
 
@@ -72,6 +72,7 @@ def test_full_attention_comes_from_the_release_file_names(tmp_path):
         link.symlink_to(WEIGHTS)
         record = run_import(tmp_path / name.removesuffix(".pt"), weights=link)
         assert record["full_attention"] is expected and record["full_attention_from"] == "the file name"
+        assert record["source"]["file"] == str(link)
     other = tmp_path / "weights.pt"
     other.symlink_to(WEIGHTS)
     with pytest.raises(ModelError, match="weights.pt: the file name does not say"):
@@ -172,7 +173,8 @@ def model_dir(tmp_path_factory):
 
 def test_the_imported_directory_holds_img2vid_parts_and_loads_as_released(model_dir):
     record = json.loads((model_dir / released.RELEASE_JSON).read_text())
-    assert record["full_attention"] is True and record["svd_parts"]["copied"] is False
+    parts = ["vae", "image_encoder", "feature_extractor", "scheduler"]
+    assert record["full_attention"] is True and record["svd_parts"] == {"linked": parts, "copied": []}
     assert record["unet"]["config_from"].endswith("svd/unet/config.json")  # with the release's 13 input channels
     assert all((model_dir / p).is_symlink() for p in ("vae", "image_encoder", "feature_extractor", "scheduler"))
     model, settings = released.load_model_dir(model_dir)

@@ -310,21 +310,26 @@ def _meta_unet(config: dict, origin: str):
     return unet
 
 
-def _place_svd_parts(svd: Path, out: Path, copy: bool) -> list[str]:
+def _place_svd_parts(svd: Path, out: Path, copy: bool) -> dict:
+    """Link (or copy) img2vid-xt's parts into `out`; a file system without links gets copies."""
     from lightning_m2s.models.pretrained import check_svd_directory
 
     check_svd_directory(svd, components=("vae", "image_encoder", "feature_extractor"))
-    placed = []
+    linked, copied = [], []
     for part in SVD_PARTS:
         src = svd / part
         if not src.is_dir():
             continue
-        if copy:
-            shutil.copytree(src, out / part)
-        else:  # img2vid-xt's 2.5 GB stay where they are
-            os.symlink(src.resolve(), out / part, target_is_directory=True)
-        placed.append(part)
-    return placed
+        if not copy:  # img2vid-xt's 2.5 GB stay where they are
+            try:
+                os.symlink(src.resolve(), out / part, target_is_directory=True)
+                linked.append(part)
+                continue
+            except OSError:  # e.g. Windows without the right to make links
+                pass
+        shutil.copytree(src, out / part)
+        copied.append(part)
+    return {"linked": linked, "copied": copied}
 
 
 def _svd_variant(svd: Path) -> str | None:
@@ -379,7 +384,7 @@ def import_release(
     # 3. The directory: unet/ (safetensors), img2vid-xt's parts, m2svid.json
     record = {
         "format": FORMAT,
-        "source": {"file": str(weights.resolve()), "sha256": sha256(weights), "bytes": weights.stat().st_size},
+        "source": {"file": os.path.abspath(weights), "sha256": sha256(weights), "bytes": weights.stat().st_size},
         "full_attention": bool(full_attention),
         "full_attention_from": attention_from,
         "unet": {"dtype": dtype, "tensors": len(state), "config_from": origin},
@@ -396,7 +401,7 @@ def import_release(
         name = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
         save_file(tensors, str(tmp / "unet" / name), metadata={"format": "pt"})
         if svd is not None:
-            record["svd_parts"] = {"parts": _place_svd_parts(svd, tmp, copy), "copied": copy}
+            record["svd_parts"] = _place_svd_parts(svd, tmp, copy)
         (tmp / RELEASE_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
