@@ -39,6 +39,20 @@ DEPTH_WINDOW = 110  # DepthCrafter's window (paper App. C.1)
 DEPTH_OVERLAP = 25
 
 
+def _frames(bad: np.ndarray, start: int, shown: int = 8) -> str:
+    """The frames (0-based, of the whole video) where `bad` [t, H, W] holds: "frame 5", "frames 3, 7-9"."""
+    frames = (np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1)) + start).tolist()
+    runs = []
+    for f in frames:
+        if runs and f == runs[-1][1] + 1:
+            runs[-1][1] = f
+        else:
+            runs.append([f, f])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:shown])
+    more = f" and {len(runs) - shown} more ranges" if len(runs) > shown else ""
+    return f"frame{'s' if len(frames) > 1 else ''} {text}{more}"
+
+
 class DepthSource:
     """Depth of a video, read by frame range. Subclasses implement `_raw(start, stop)`."""
 
@@ -56,12 +70,13 @@ class DepthSource:
         raw = np.asarray(self._raw(start, stop), dtype=np.float32)
         if not np.isfinite(raw).all():
             bad = int((~np.isfinite(raw)).sum())
-            raise GeometryError(f"depth {self.path}: {bad} non-finite values (NaN or inf) in frames {start}-{stop - 1}")
+            raise GeometryError(f"depth {self.path}: {bad} non-finite values (NaN or inf) in "
+                                f"{_frames(~np.isfinite(raw), start)}")
         if self.kind == "inverse":
             return raw
         if (raw <= 0).any():
             raise GeometryError(
-                f"depth {self.path}: values <= 0 in frames {start}-{stop - 1}; depth must be > 0 "
+                f"depth {self.path}: values <= 0 in {_frames(raw <= 0, start)}; depth must be > 0 "
                 "(if the file holds inverse depth / disparity, as DepthCrafter's npz does, pass --depth-kind inverse)"
             )
         return 1.0 / raw

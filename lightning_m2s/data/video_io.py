@@ -44,10 +44,19 @@ def video_info(path: str | Path, name: str | None = None) -> VideoInfo:
     n = len(vr)
     if n == 0:
         raise DataError(f"video {path} has no frames")
-    h, w = vr[0].shape[:2]
+    try:
+        h, w = vr[0].shape[:2]
+    except Exception as e:  # noqa: BLE001 - decord's DECORDError: the first frame's data is corrupt
+        raise DataError(f"cannot decode frame 0 of video {path}: the file is corrupt ({_decoder_reason(e)})") from e
     fps = float(vr.get_avg_fps())
     del vr
     return VideoInfo(name=name or Path(path).stem, num_frames=n, fps=fps, height=h, width=w)
+
+
+def _decoder_reason(err: Exception) -> str:
+    """decord's message without its source-file prefixes: `[time] file.cc:N: ... Check failed: ...`."""
+    text = " ".join(str(err).split())
+    return text.rsplit(": ", 1)[-1][:120] if text else type(err).__name__
 
 
 def read_frames(path: str | Path, indices: Sequence[int] | None = None) -> np.ndarray:
@@ -86,6 +95,33 @@ def _read_frames_pyav(path: str | Path, idx: list[int]) -> np.ndarray:
     if missing:
         raise DataError(f"cannot decode frame {missing[0]} of video {path}")
     return np.stack([found[i] for i in idx])
+
+
+def remove_stale_partials(out: str | Path) -> list[Path]:
+    """Delete the partial files (`.<name>.*.partial<ext>`) beside `out` that no live writer holds: a writer
+    keeps an exclusive lock on its file, which a process killed with -9 loses. Returns what was removed."""
+    import fcntl
+    import glob
+    import logging
+    import os
+
+    out = Path(out)
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.stem)}.*.partial{glob.escape(out.suffix)}"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another convert is writing it now
+            continue
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        logging.getLogger(__name__).warning("removed %s, left by a conversion that was killed", path)
+    return removed
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 30.0, lossless: bool = False, crf: int = 18) -> Path:
