@@ -30,8 +30,17 @@ NUMBER_OR_LIST = {"module.eval.steps"}  # keys that take one number or a list of
 def work_root() -> Path:
     """Where runs write (mlflow.db, mlartifacts/, optuna.db, outputs/): $M2S_ROOT, else the working
     directory. Never the installed package's folder, so two checkouts sharing a virtual environment
-    keep their own stores."""
-    return Path(os.environ.get(ROOT_ENV) or os.getcwd()).resolve()
+    keep their own stores. $M2S_ROOT must be an existing folder: a mistyped one would silently start an
+    empty store."""
+    root = os.environ.get(ROOT_ENV)
+    if not root:
+        return Path.cwd().resolve()
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ConfigError(f"{ROOT_ENV}={root} {what}: point it at the folder that holds (or is to hold) your stores "
+                          f"(mlflow.db, optuna.db, outputs/); create a new one first (mkdir -p)")
+    return path
 
 
 def resolve_file(name: str | Path, folder: Path, kind: str) -> Path:

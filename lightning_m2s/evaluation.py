@@ -109,6 +109,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bo
     from lightning_m2s.modules import StereoModule, load_trained_weights, read_checkpoint
 
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and ((checkpoint / "latest").is_file() or (checkpoint / "checkpoint").is_dir()):
+        read_checkpoint(str(checkpoint))  # a DeepSpeed folder: the error says how to convert it
     if checkpoint.is_dir():  # a model directory (m2s import-release): run as its record says; cfg chooses how
         from lightning_m2s.models.released import RUNTIME_KEYS, model_settings
 

@@ -29,11 +29,14 @@ def read_checkpoint(checkpoint: str, map_location: str = "cpu") -> dict:
     import torch
 
     path = Path(checkpoint)
-    if path.is_dir():  # DeepSpeed writes sharded checkpoint folders
+    if path.is_dir() and ((path / "latest").is_file() or (path / "checkpoint").is_dir()):  # DeepSpeed's sharded folder
         raise ModelError(
             f"checkpoint {path} is a DeepSpeed folder: convert it once with lightning's "
             f"convert_zero_checkpoint_to_fp32_state_dict('{path}', '{path}.fp32.ckpt') and pass that file"
         )
+    if path.is_dir():
+        raise ModelError(f"checkpoint {path} is a folder, not a checkpoint file: pass a training checkpoint "
+                         "(.ckpt, e.g. outputs/<experiment>/<run>/checkpoints/best.ckpt)")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:  # weights_only: tensors and builtin containers only, so a crafted checkpoint never runs code
