@@ -1,4 +1,5 @@
-"""Benchmarks behind `m2s bench NAME [--json]`: each measures, prints, and writes benchmarks/NAME.json.
+"""Benchmarks behind `m2s bench NAME [--json]`: each measures, prints, and writes benchmarks/NAME.json
+(`--quick` smoke runs only print: their figures never replace the recorded ones).
 
 One module per benchmark in `lightning_m2s/benchmarks/`, each with `run(quick: bool) -> dict`.
 Timings are ratios within one run where the issue asks for them (the machine is shared and noisy).
@@ -9,11 +10,13 @@ from __future__ import annotations
 import importlib
 import json
 import resource
+import signal
 import time
 from pathlib import Path
 from typing import Callable
 
-from lightning_m2s.errors import ConfigError
+from lightning_m2s.errors import ConfigError, Interrupted
+from lightning_m2s.files import write_json
 
 # name -> module in lightning_m2s.benchmarks
 BENCHMARKS = {
@@ -50,13 +53,18 @@ def run_benchmark(name: str, quick: bool = False, out_dir: Path | None = Path("b
         raise ConfigError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     module = importlib.import_module(f"lightning_m2s.benchmarks.{BENCHMARKS[name]}")
     result = {"benchmark": name, **module.run(quick=quick)}
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if out_dir is not None and not quick:  # smoke figures never replace the recorded ones
+        write_json(out_dir / f"{name}.json", result)
     return result
 
 
+def _stop(signum, frame):
+    raise Interrupted(signum, None)
+
+
 def main(names: list[str], as_json: bool, quick: bool = False) -> None:
+    # SIGTERM unwinds like Ctrl-C, so the benchmarks' temporary folders are removed
+    signal.signal(signal.SIGTERM, _stop)
     if names == ["all"]:
         names = list(BENCHMARKS)
     for name in names:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import tempfile
 import threading
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_m2s.data.clip import to_float_video
-from lightning_m2s.data.video_io import read_frames, video_info
+from lightning_m2s.data.video_io import read_frames, remove_stale_partials, video_info
 from lightning_m2s.depth import (
     DEPTH_KINDS, DEPTH_OVERLAP, DEPTH_WINDOW, DepthSource, estimate_depth, inverse_range, normalised_disparity,
     open_depth_file,
@@ -318,8 +319,8 @@ class StreamWriter:
             raise ConfigError(f"output {self.path}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".partial{self.path.suffix}", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while writing: a later convert removes only partials nobody holds
+        self._lock_fd, self.tmp = fd, Path(tmp)
         self.rate = Fraction(fps).limit_denominator(1001)
         self.crf, self.lossless = crf, lossless
         self.container = av.open(str(self.tmp), mode="w", format=fmt)
@@ -356,12 +357,15 @@ class StreamWriter:
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp made it private; a finished video gets the usual mode
         os.replace(self.tmp, self.path)
+        os.close(self._lock_fd)
         return self.path
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self.container.close()
         self.tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
 
     def __enter__(self) -> "StreamWriter":
         return self
@@ -451,6 +455,7 @@ def convert(
         raise ConfigError(f"output {out}: unsupported extension; use one of {sorted(OUTPUT_SUFFIXES)}")
     for folder in [out.parent] + ([Path(opts.save_intermediates)] if opts.save_intermediates else []):
         writable_folder(folder)  # before the model and depth passes, not after them
+    remove_stale_partials(out)  # what a convert killed with -9 left beside this output
     if (depth is None) == (depth_model is None):
         raise ConfigError("give exactly one depth provider: a depth file (--depth FILE) or a model (--depth-model DIR)")
     if model is None and Path(checkpoint).is_dir():  # a model directory (m2s import-release), run as released
