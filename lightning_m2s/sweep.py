@@ -13,6 +13,7 @@ while the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,7 +35,8 @@ from lightning_m2s.models import embedded
 TRIAL_ENV = "M2S_SWEEP_TRIAL"  # the running trial's config, for the other ranks of a multi-device trial
 SWEEP_KEYS = {"study", "description", "experiment", "sampler", "arms", "seeds", "search_space", "trials",
               "objective", "overrides", "table", "heartbeat", "slurm"}
-SCHEMA_LOCK = 0x6D3273  # PostgreSQL advisory lock held while a worker creates the study schema
+SCHEMA_LOCK = 0x6D3273  # storage lock held while a worker creates the study schema
+PARENT_LOCK = 0x6D3274  # storage lock held while a worker finds or creates the sweep's parent run
 HEARTBEAT_KEYS = {"interval", "grace"}  # seconds between a worker's heartbeats; silence before its trial is retried
 SLURM_KEYS = {"partition", "workers", "devices_per_trial", "time_min", "additional"}  # --launcher slurm defaults
 log = logging.getLogger(__name__)
@@ -127,13 +129,42 @@ def _section(raw: dict, key: str, allowed: set[str], path: Path) -> dict:
     return section
 
 
+@contextlib.contextmanager
+def storage_lock(url: str, key: int):
+    """An exclusive lock that every worker of a storage shares: a file lock beside a sqlite database, a
+    PostgreSQL advisory lock (workers on any machine). Yields False where the storage has none."""
+    url = tracking.sqlalchemy_url(url)
+    if url.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        with FileLock(url.removeprefix("sqlite:///") + f".{key:x}.lock"):
+            yield True
+    elif url.startswith("postgresql"):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({key})"))  # released when it closes
+            yield True
+    else:
+        yield False
+
+
+def elect_parent_run(client, exp_id: str, storage_url: str, tags: dict[str, str], run_name: str,
+                     extra_tags: dict[str, str]):
+    """The sweep's parent run, found or created. Every worker of a sweep starts here at once: one at a time
+    (the storage's lock) looks and creates, so exactly one run is made however late a create request lands
+    on a busy tracking server; a storage without a lock falls back to settling on the oldest run."""
+    with storage_lock(storage_url, PARENT_LOCK) as locked:
+        return tracking.find_or_create_run(client, exp_id, tags, run_name, extra_tags,
+                                           settle_s=0 if locked else tracking.RACE_SETTLE_S)
+
+
 def _storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120):
-    from filelock import FileLock
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = tracking.sqlalchemy_url(url)
-
-    def make():
+    with storage_lock(url, SCHEMA_LOCK):  # creating the schema twice at once collides: one worker at a time
         # Heartbeats let a later run (or another worker) see that a trial's process died: it is failed
         # and re-queued once instead of staying RUNNING forever.
         return RDBStorage(
@@ -143,18 +174,6 @@ def _storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120):
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
         )
-
-    if url.startswith("sqlite:///"):  # creating the schema twice at once collides: one worker at a time
-        with FileLock(url.removeprefix("sqlite:///") + ".lock"):
-            return make()
-    if url.startswith("postgresql"):  # the same, for workers on any machine: a lock of the database server
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))  # released when it closes
-            return make()
-    return make()
 
 
 def _sampler(spec: SweepSpec, seed: int):
@@ -399,10 +418,10 @@ def run_sweep(
     client = tracking.client(tracking_uri)
     exp_id = tracking.experiment_id(client, f"sweep-{spec.name}")
     parent_tags = {"m2s.study": study_name, "m2s.kind": "sweep"}
-    parent = tracking.find_or_create_run(client, exp_id, parent_tags, study_name, {
+    parent = elect_parent_run(client, exp_id, storage_url, parent_tags, study_name, {
         "m2s.ablation": spec.name, "m2s.experiment": experiment, "m2s.git_commit": tracking.git_commit(),
         "m2s.objective": spec.objective_metric, "mlflow.note.content": spec.description,
-    }, settle_s=tracking.RACE_SETTLE_S)  # every worker of a sweep starts here at once
+    })
     parent_id = parent.info.run_id
     client.set_terminated(parent_id, status="RUNNING")
 

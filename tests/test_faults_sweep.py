@@ -90,3 +90,37 @@ def test_a_failed_trial_leaves_no_run_running_and_the_metrics_are_those_the_chec
     from lightning_m2s.config import load_config
 
     assert set(done.user_attrs["metrics"]) == logged_metrics(load_config("debug", ["module.variant=warp_only"]))
+
+
+ELECT = """
+import random, sys, time
+from lightning_m2s import tracking
+from lightning_m2s.sweep import elect_parent_run
+client = tracking.client(sys.argv[1])
+exp = tracking.experiment_id(client, "race")
+create = client.create_run
+
+def late_create(*args, **kwargs):  # a create request that reaches a busy server seconds after it was made:
+    delay = random.Random(int(sys.argv[4])).uniform(0, 3)  # the later it lands, the older its start time
+    start = int((time.time() - delay) * 1000)
+    time.sleep(delay)
+    return create(*args, start_time=start, **kwargs)
+
+client.create_run = late_create
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all workers at once
+print(elect_parent_run(client, exp, sys.argv[2], {"m2s.study": "race", "m2s.kind": "sweep"}, "race", {}).info.run_id)
+"""
+
+
+def test_workers_that_race_to_create_the_parent_run_elect_one_however_late_their_runs_land(tmp_path):
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    from lightning_m2s import tracking
+
+    tracking.client(uri)  # the store exists before the race (as after a sweep's first steps)
+    at = str(__import__("time").time() + 20)
+    procs = [subprocess.Popen([sys.executable, "-c", ELECT, uri, storage, at, str(i)], env=ENV, stdout=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    elected = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    runs = [r for r in all_runs(uri) if r.data.tags.get("m2s.kind") == "sweep"]
+    assert len(elected) == 1 and [r.info.run_id for r in runs] == list(elected)

@@ -140,12 +140,22 @@ def team_sweep(postgres, mlflow_server, tmp_path_factory):
     try:
         client = mlflow.MlflowClient(mlflow_server)
         deadline = time.monotonic() + 300
+        killed = None
+        # The training arm's worker is known (its run's m2s.worker tag) before its first checkpoint; it is killed
+        # as soon as last.ckpt appears, so the kill lands mid-trial however slow the tracking server is under
+        # load (looking the worker up after the checkpoint could take until the trial had finished).
         while not list(root.glob("outputs/sweeps/team-*/train-seed0/checkpoints/last.ckpt")):
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        (run,) = [r for e in client.search_experiments() for r in client.search_runs(
-            [e.experiment_id], "tags.`m2s.trial_key` = 'train-seed0'")]
-        killed = int(run.data.tags["m2s.worker"].rsplit(":", 1)[1])
+            if killed is None:
+                found = [r for e in client.search_experiments() for r in client.search_runs(
+                    [e.experiment_id], "tags.`m2s.trial_key` = 'train-seed0'")]
+                if found and "m2s.worker" in found[0].data.tags:
+                    killed = int(found[0].data.tags["m2s.worker"].rsplit(":", 1)[1])
+            time.sleep(0.2 if killed is None else 0.01)
+        if killed is None:  # it checkpointed before the first look-up returned
+            (run,) = [r for e in client.search_experiments() for r in client.search_runs(
+                [e.experiment_id], "tags.`m2s.trial_key` = 'train-seed0'")]
+            killed = int(run.data.tags["m2s.worker"].rsplit(":", 1)[1])
         os.kill(killed, signal.SIGKILL)  # mid-trial: no cleanup at all, as a crashed node
         launcher.wait(timeout=400)
     finally:
