@@ -50,6 +50,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0, n_boot: int =
     S, C = d.shape
     if C == 0:
         return Difference(float("nan"), float("nan"), float("nan"), 0, S)
+    if S * C < 2:  # one clip at one seed: nothing to resample, so no interval (and never a star)
+        return Difference(float(d.mean()), float("nan"), float("nan"), C, S)
     rng = np.random.default_rng(seed)
     si = rng.integers(0, S, (n_boot, S))
     ci = rng.integers(0, C, (n_boot, C))

@@ -149,3 +149,14 @@ def test_quick_benchmark_figures_never_replace_the_recorded_ones(tmp_path, monke
     assert not list(tmp_path.iterdir())
     bench.run_benchmark("fake", out_dir=tmp_path)
     assert '"figure": 2.0' in (tmp_path / "fake.json").read_text()
+
+
+def test_one_test_clip_gives_no_interval_and_no_star():
+    from lightning_m2s.comparison import _interval
+    from lightning_m2s.stats import paired_difference
+
+    d = paired_difference(np.array([[30.0]]), np.array([[20.0]]))
+    assert d.mean == 10.0 and d.lo != d.lo and d.hi != d.hi and not d.excludes_zero
+    assert "*" not in _interval({"metric": "psnr", "mean": d.mean, "lo": d.lo, "hi": d.hi,
+                                         "excludes_zero": d.excludes_zero})
+    assert paired_difference(np.array([[30.0, 31.0]]), np.array([[20.0, 20.5]])).excludes_zero  # two clips: an interval
