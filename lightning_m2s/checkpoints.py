@@ -6,7 +6,8 @@
   A save that fails (a full disk) is one error naming the file. `remove_temporaries` clears what a
   killed save left in a run's folder.
 - `LastCheckpoint`: writes `last.ckpt` every `every_n_steps` optimiser steps and when SIGTERM (a
-  cluster's preemption) or SIGINT (Ctrl-C) stops training; Lightning stops after the current step.
+  cluster's preemption), SIGINT (Ctrl-C) or a failing tracking store stops training; Lightning stops
+  after the current step.
 - `resumable_checkpoint`: the newest checkpoint that loads (weights only); an unreadable one is moved
   aside to `<name>.corrupt` with a warning naming it.
 """
@@ -81,7 +82,12 @@ class LastCheckpoint(L.Callback):
             self._saved_step = step
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.state.fn == "fit":
+        if trainer.state.fn != "fit":
+            return
+        # a signal, or a tracking store that failed under a healthy run: what trained so far is worth keeping
+        from lightning_m2s.tracking import store_failure
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) or store_failure(exception, "") is not None:
             trainer.save_checkpoint(self.path)
 
 

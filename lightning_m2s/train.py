@@ -95,6 +95,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         failure = tracking.store_failure(err, uri)
         if failure is None:
             raise
+        last = output_dir(cfg) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            failure.args = (f"{failure}; last checkpoint {last}",)
         raise failure from err
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from lightning_m2s.dashboard import free_port
@@ -72,3 +73,5 @@ def test_a_local_store_that_becomes_read_only_mid_run_is_one_line_naming_it(tmp_
     assert "Traceback" not in text and len(text.strip().splitlines()) <= 5, text[-3000:]
     last = text.strip().splitlines()[-1]
     assert f"the tracking store sqlite:///{store / 'mlflow.db'} failed" in last, last
+    saved = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    assert f"last checkpoint {saved}" in last and torch.load(saved, weights_only=True)["global_step"] >= 1  # what trained is kept
