@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmarks and print their figures")
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
     p.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (printed, never written to benchmarks/)")
     p.set_defaults(func=_bench)
     return parser
 
