@@ -17,6 +17,49 @@ TABLE_METRICS = ("psnr", "lpips", "psnr_inside", "lpips_inside")  # per test set
 DIFF_METRICS = ("psnr", "lpips", "psnr_inside")  # differences with intervals in the printed table
 FLOOR_REFERENCE = "classical_fill"  # the floor every arm is compared with
 LABELS = {"psnr": "PSNR", "lpips": "LPIPS", "psnr_inside": "PSNR-in", "lpips_inside": "LPIPS-in"}
+UNITS = {"psnr": "dB"}  # the others are unitless
+HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "temporal_error": False, "latency_s": False}
+# One colour per arm and floor wherever they are drawn (printed figures, notebook, MLflow UI's run colours):
+# the floors keep theirs in every grid; the arms take the others in their grid's order.
+FLOOR_COLORS = {"warp_only": "#7f7f7f", "classical_fill": "#8c564b"}
+ARM_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf", "#bcbd22", "#e377c2")
+
+
+def base_metric(metric: str) -> str:
+    """'psnr_inside' -> 'psnr', 'test/real/lpips' -> 'lpips'."""
+    return metric.rsplit("/", 1)[-1].removesuffix("_inside").removesuffix("_outside")
+
+
+def arrow(metric: str) -> str:
+    """'↑' where higher is better, '↓' where lower is."""
+    return "↑" if HIGHER_IS_BETTER.get(base_metric(metric), False) else "↓"
+
+
+def unit(metric: str) -> str:
+    return UNITS.get(base_metric(metric), "")
+
+
+def colors(arms) -> dict[str, str]:
+    """Name -> colour for a grid's arms (in order) and the floors. An arm that is a floor's variant (the
+    baselines grid) keeps the floor's colour; names may carry the 'floor: ' prefix."""
+    out = {f"floor: {name}": color for name, color in FLOOR_COLORS.items()} | dict(FLOOR_COLORS)
+    arms = list(dict.fromkeys(arms))
+    first = reference_arm(arms)  # the reference first: the same colours whatever order a caller lists them in
+    others = [a for a in ([first] if first else []) + arms if a.removeprefix("floor: ") not in FLOOR_COLORS]
+    others = list(dict.fromkeys(others))
+    for k, arm in enumerate(others):
+        out[arm] = ARM_COLORS[k % len(ARM_COLORS)]
+    return out
+
+
+def reference_arm(arms) -> str | None:
+    """The arm the grid's other arms are compared with (treatment - reference): `without_<x>` where the
+    grid also has `with_<x>` (the arm without the studied component), else the grid's first arm."""
+    arms = list(arms)
+    for arm in arms:
+        if arm.startswith("without_") and f"with_{arm.removeprefix('without_')}" in arms:
+            return arm
+    return arms[0] if arms else None
 
 
 def datasets_of(arms: dict[str, list[list[dict]]], floors: dict[str, list[dict]]) -> list[str]:

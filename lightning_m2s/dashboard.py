@@ -86,41 +86,63 @@ def check_port_free(host: str, port: int) -> None:
                            f"another with --port") from err
 
 
-def compare_link(uri: str | None, base_url: str) -> tuple[str, str] | None:
-    """(study, URL of the MLflow UI's compare view of its trial runs) for the latest sweep in the store (the
-    newest run tagged m2s.kind=sweep), or None when there is none."""
-    import json
-    from urllib.parse import quote
+UI_MODE = "workflowType=machine_learning"  # the UI's own mode switch: runs and metrics, not its GenAI pages
 
-    client = tracking.client(uri)
+
+def latest_sweep(client):
+    """The newest sweep parent run in the store (tagged m2s.kind=sweep), or None."""
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, filter_string="tags.`m2s.kind` = 'sweep'",
                                  order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    if not parents:
-        return None
-    parent = parents[0]
-    children = client.search_runs([parent.info.experiment_id], order_by=["attributes.start_time ASC"],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    if not children:
-        return None
-    as_json = lambda ids: quote(json.dumps(ids, separators=(",", ":")))  # noqa: E731 - the UI's own route format
-    runs, exps = as_json([r.info.run_id for r in children]), as_json([parent.info.experiment_id])
-    return parent.data.tags.get("m2s.study", parent.info.run_name), f"{base_url}/#/compare-runs?runs={runs}&experiments={exps}"
+    return parents[0] if parents else None
 
 
-def _print_compare_link(uri: str, base_url: str) -> None:
-    found = compare_link(uri, base_url)
+def answer_links(uri: str | None, base_url: str) -> dict[str, str] | None:
+    """The latest sweep's answer in the MLflow UI: {study, status, compare: its arms' finished runs and its
+    floors side by side (MLflow's compare view: run names, then every test PSNR / LPIPS per test set, full
+    and inside the mask), summary: the grid's summary figure}, or None without a sweep. A sweep that finished
+    before floors were runs of their own gets them here (report.log_answer_runs: found, never duplicated)."""
+    import json
+    from urllib.parse import quote
+
+    from lightning_m2s.report import log_answer_runs
+
+    client = tracking.client(uri)
+    parent = latest_sweep(client)
+    if parent is None:
+        return None
+    runs = log_answer_runs(client, parent.info.run_id)
+    ids = [r.info.run_id for r in runs["arms"] + runs["floors"]]
+    if not ids:
+        return None
+    as_json = lambda items: quote(json.dumps(items, separators=(",", ":")))  # noqa: E731 - the UI's own route format
+    exp = parent.info.experiment_id
+    links = {"study": parent.data.tags.get("m2s.study", parent.info.run_name), "status": parent.info.status,
+             "compare": f"{base_url}/#/compare-runs?runs={as_json(ids)}&experiments={as_json([exp])}&{UI_MODE}"}
+    figures = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
+    if "comparison/summary.png" in figures:
+        links["summary"] = (f"{base_url}/#/experiments/{exp}/runs/{parent.info.run_id}/artifacts/"
+                            f"comparison/summary.png?{UI_MODE}")
+    return links
+
+
+def print_links(uri: str | None, base_url: str) -> None:
+    """The latest sweep's answer first (the link to open), then the UI's start page."""
+    found = answer_links(uri, base_url)
     if found:
-        print(f"latest sweep {found[0]}, its trial runs side by side: {found[1]}", flush=True)
+        print(f"latest sweep {found['study']} ({found['status'].lower()}), its arms and floors side by side: "
+              f"{found['compare']}", flush=True)
+        if "summary" in found:
+            print(f"  its summary figure (arms, floors, intervals, qualitative grid): {found['summary']}", flush=True)
+    print(f"MLflow dashboard: {base_url}/#/?{UI_MODE}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
 
 
 def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> None:
     """Run the dashboard until Ctrl-C or SIGTERM; either way the server's whole process group stops. A
     tracking server serves its own UI: then only its address and the link are printed."""
     uri = tracking.resolve_uri(uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"MLflow dashboard: {uri}  (a tracking server)", flush=True)
-        _print_compare_link(uri, uri.rstrip("/"))
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        print_links(uri, uri.rstrip("/"))
         return
     check_port_free(host, port)
     signals: list[int] = []
@@ -136,8 +158,7 @@ def serve(uri: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> 
     try:
         wait_ready(proc, url, stopped=lambda: bool(signals))
         if not signals:
-            print(f"MLflow dashboard: {url}  (experiments sweep-<ablation>; Ctrl-C stops it)", flush=True)
-            _print_compare_link(uri, url)
+            print_links(uri, url)
         while proc.poll() is None and not signals:  # until Ctrl-C, SIGTERM or the server ends by itself
             time.sleep(0.2)
     finally:

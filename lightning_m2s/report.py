@@ -9,9 +9,11 @@ parent run: `comparison/means.json` and `comparison/differences.json` (`mlflow.l
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from lightning_m2s import comparison
+from lightning_m2s import comparison, tracking
 from lightning_m2s.stats import paired_difference, per_clip_matrix
 
 FIGURE_METRICS = ("psnr", "lpips")
@@ -24,6 +26,56 @@ def log_summary(client, run_id: str, summary: dict, tracking_uri: str | None = N
     if c["differences"]:
         client.log_table(run_id, comparison.difference_table(c["differences"]), "comparison/differences.json")
     client.log_figure(run_id, summary_figure(summary, qualitative(summary, tracking_uri)), "comparison/summary.png")
+    log_answer_runs(client, run_id)
+
+
+def log_answer_runs(client, parent_id: str) -> dict[str, list]:
+    """What the MLflow UI needs to show a grid's answer: the floors as runs of the sweep beside its trials
+    (children of the parent run, named 'floor: <variant>', with the trials' `test/<set>/<metric>` keys, made
+    from the parent's `floor/<variant>/...` metrics) and one run colour per arm and floor (the figures').
+    Found again, never duplicated, when a sweep finishes again. Returns {"arms": the newest finished trial
+    run per arm and seed, reference arm first; "floors": the floor runs}."""
+    parent = client.get_run(parent_id)
+    tags, exp_id = parent.data.tags, parent.info.experiment_id
+    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000)
+    newest = {}
+    for run in children:  # a re-run of a point replaces it: the newest finished run counts
+        key = (run.data.tags.get("m2s.arm"), run.data.tags.get("m2s.seed"))
+        if run.data.tags.get("m2s.kind") == "trial" and run.info.status == "FINISHED" and key not in newest:
+            newest[key] = run
+    arm_names = list(dict.fromkeys(a for a, _ in sorted(newest, key=lambda k: str(k[1]))))
+    palette = comparison.colors(arm_names)
+    order = [a for a in palette if a in arm_names]  # the reference first, as the colours are given
+    arms = sorted(newest.values(), key=lambda r: (order.index(r.data.tags["m2s.arm"]), str(r.data.tags.get("m2s.seed"))))
+    for run in arms:
+        if run.data.tags.get("mlflow.runColor") != palette[run.data.tags["m2s.arm"]]:
+            client.set_tag(run.info.run_id, "mlflow.runColor", palette[run.data.tags["m2s.arm"]])
+    variants = {}
+    for key, value in parent.data.metrics.items():
+        if key.startswith("floor/"):
+            _, variant, metric = key.split("/", 2)
+            variants.setdefault(variant, {})[metric] = value
+    floors = []
+    study_tags = {k: v for k, v in tags.items() if k.startswith(("m2s.metrics.", "m2s.ablation", "m2s.experiment"))}
+    known = list(comparison.FLOOR_COLORS)  # warp-only first, as the tables list them
+    for variant in sorted(variants, key=lambda v: (known.index(v) if v in known else len(known), v)):
+        run = tracking.find_or_create_run(
+            client, exp_id, {"m2s.study": tags.get("m2s.study", ""), "m2s.kind": "floor", "m2s.floor": variant},
+            f"floor: {variant}", {"mlflow.parentRunId": parent_id, **study_tags,
+                                   "mlflow.runColor": palette.get(variant, "#7f7f7f"),
+                                   "mlflow.note.content": "A training-free floor of the grid, scored on exactly its "
+                                                          "test clips (the values are the parent run's floor/... metrics)."})
+        new = {k: v for k, v in variants[variant].items() if run.data.metrics.get(k) != v}
+        if new:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in new.items()])
+        if run.info.status != "FINISHED":
+            client.set_terminated(run.info.run_id, status="FINISHED")
+        floors.append(run)
+    return {"arms": arms, "floors": floors}
 
 
 def arm_interval(runs: list[list[dict]], dataset: str, metric: str) -> tuple[float, float, float] | None:
@@ -61,19 +113,25 @@ def summary_figure(summary: dict, panels: dict[tuple[str, str], dict]):
     fig = Figure(figsize=(width, 3.2 + 1.8 * len(datasets)), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[3.2, 1.8 * len(datasets)])
     axes = top.subplots(1, len(datasets) * len(FIGURE_METRICS), squeeze=False)[0]
+    palette = comparison.colors(arms)
     for ax, (dataset, metric) in zip(axes, [(d, m) for d in datasets for m in FIGURE_METRICS]):
+        # points with intervals, not bars: the axis fits the values (a PSNR bar from 0 flattens every difference)
         for x, arm in enumerate(arms):
             found = arm_interval(arms[arm], dataset, metric)
             if found is None:
                 continue
             mean, lo, hi = found
-            ax.bar(x, mean, yerr=[[mean - lo], [hi - mean]], color=f"C{x}", alpha=0.8, capsize=4)
-        for k, floor in enumerate(floors):
+            ax.errorbar(x, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", ms=7, color=palette[arm], capsize=5)
+        for floor in floors:
             value = floor.get(f"{dataset}/{metric}")
             if value is not None and np.isfinite(value):
-                ax.axhline(value, ls="--", color=f"C{len(arms) + k}", label=f"floor: {floor['name']}")
+                ax.axhline(value, ls="--", color=palette.get(floor["name"], "0.5"), label=f"floor: {floor['name']}")
+        ax.set_xlim(-0.6, len(arms) - 0.4)
+        ax.margins(y=0.15)
         ax.set_xticks(range(len(arms)), list(arms), rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"{dataset}: {comparison.LABELS[metric]} ({BETTER[metric]})", fontsize=9)
+        unit = comparison.unit(metric)
+        ax.set_title(f"{dataset}: {comparison.LABELS[metric]}{f' ({unit})' if unit else ''} {comparison.arrow(metric)} "
+                     f"({BETTER[metric]})", fontsize=9)
         ax.legend(fontsize=7)
     top.suptitle(f"{summary['study']}: mean over test clips, 95% bootstrap interval; floors dashed", fontsize=10)
     grid = bottom.subplots(len(datasets), len(columns), squeeze=False)

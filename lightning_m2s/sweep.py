@@ -667,7 +667,7 @@ def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_res
                 arms.setdefault(row["arm"], {})[row["seed"]] = per_clip
     ordered = {a: [arms[a][s] for s in sorted(arms[a])] for a in spec.arms if a in arms}
     floor_rows = {k: v["per_clip"] for k, v in (floor_results or {}).items()}
-    reference = next(iter(spec.arms), None)
+    reference = comparison.reference_arm(spec.arms)  # differences read treatment - reference
     return {"study": study.study_name, "objective": spec.objective_metric, "direction": spec.direction,
             "parent_run_id": parent_run_id, "trials": rows, "reference": reference,
             "per_clip": {"arms": ordered, "floors": floor_rows},  # what the comparison was computed from
