@@ -240,14 +240,14 @@ def refine_latent(
     """The right view's latent of one padded chunk, tile by tile, blended in latent space.
 
     left, warped: [T, 3, H, W] in [-1, 1] with H, W multiples of `model_alignment(model)[0]`; mask bool
-    [T, H, W]. Returns [1, T, 4, H/8, W/8]. One tile (tile None or >= the frame) is plain inference.
+    [T, H, W]. Returns [1, T, c, H/d, W/d]. One tile (tile None or >= the frame) is plain inference.
     """
     T, _, H, W = left.shape
     times = times or StageTimes()
     down = int(model.vae.downscale)
     th, tw, ov, ys, xs = tile_grid(model, H, W, tile, tile_overlap)
     h, w = H // down, W // down
-    acc = torch.zeros(1, T, 4, h, w, device=left.device)
+    acc = torch.zeros(1, T, model.vae.latent_channels, h, w, device=left.device)
     wsum = torch.zeros(1, 1, 1, h, w, device=left.device)
     for y in ys:
         for x in xs:
@@ -259,13 +259,10 @@ def refine_latent(
                     fps_id=fps_id, cond_aug=model.cond_aug_eval, generator=generator,
                 )
             with times("unet"):
-                if steps == 1:  # Eq. 4: one step from a zero latent
-                    z = model.predict_one_step(cond)  # [1, T, 4, th/8, tw/8]
-                else:  # multi-step sampling starts from noise (from zeros it would only reach the mean)
-                    z = model.sample(cond, steps, noise=torch.randn(cond.latent_shape, generator=generator))
+                z = model.generate(cond, steps, generator)  # [1, T, c, th/d, tw/d]
             wy = ramp(th // down, ov // down, rise=y > 0, fall=y + th < H).to(z)
             wx = ramp(tw // down, ov // down, rise=x > 0, fall=x + tw < W).to(z)
-            weight = (wy[:, None] * wx[None, :])[None, None, None]  # [1, 1, 1, th/8, tw/8]
+            weight = (wy[:, None] * wx[None, :])[None, None, None]  # [1, 1, 1, th/d, tw/d]
             ly, lx = y // down, x // down
             acc[..., ly : ly + th // down, lx : lx + tw // down] += z * weight
             wsum[..., ly : ly + th // down, lx : lx + tw // down] += weight
@@ -275,7 +272,7 @@ def refine_latent(
 @torch.no_grad()
 def decode_latent(model, latent: torch.Tensor, tile: int | None = None, tile_overlap: int | None = None,
                   decode_chunk_size: int | None = None) -> torch.Tensor:
-    """[1, T, 4, h, w] -> [T, 3, H, W] in [-1, 1]. With tiles, the blended latent is decoded window by
+    """[1, T, c, h, w] -> [T, 3, H, W] in [-1, 1]. With tiles, the blended latent is decoded window by
     window on the same tile grid and the pixels blended with linear ramps, so the VAE's attention spans a
     tile rather than the frame (a 2x VAE's mid-block attends over every cell: quadratic in the frame)."""
     down = int(model.vae.downscale)

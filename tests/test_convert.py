@@ -103,14 +103,14 @@ class _PositionModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.vae = SimpleNamespace(downscale=8)
+        self.vae = SimpleNamespace(downscale=8, latent_channels=4)
         self.unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=(32, 64)))
         self.cond_aug_eval = 0.0
 
     def build_conditioning(self, left, warped, mask, fps_id, cond_aug, generator=None):
         return left
 
-    def predict_one_step(self, left):
+    def generate(self, left, steps, generator):
         B, T = left.shape[:2]
         pooled = torch.nn.functional.avg_pool2d(left.flatten(0, 1), 8).unflatten(0, (B, T))
         return torch.cat([pooled, pooled[:, :, :1]], dim=2)  # 4 channels

@@ -58,15 +58,17 @@ def test_changed_file_is_an_error_naming_it(tmp_path, monkeypatch):
 def test_embedded_loads_like_img2vid_xt_and_widens_conv_in(left_condition):
     root = embedded.resolve_pretrained("embedded")
     prior = load_unet(root, torch_dtype=torch.float32)
-    assert prior.conv_in.in_channels == 8  # SVD's image-to-video layout: noisy latent + image latent
+    c = prior.config.out_channels  # the VAE's latent channels
+    assert prior.conv_in.in_channels == 2 * c  # SVD's image-to-video layout: noisy latent + image latent
     model = build_refiner(pretrained="embedded", left_condition=left_condition)
-    w, w0 = model.unet.conv_in.weight, prior.conv_in.weight  # [C, 13 | 9, k, k], [C, 8, k, k]
-    assert w.dtype == torch.float32 and w.shape[1] == (13 if left_condition else 9)
-    assert torch.equal(w[:, :4], w0[:, :4])
+    assert model.vae.latent_channels == c
+    w, w0 = model.unet.conv_in.weight, prior.conv_in.weight  # [C, 3c + 1 | 2c + 1, k, k], [C, 2c, k, k]
+    assert w.dtype == torch.float32 and w.shape[1] == (3 * c + 1 if left_condition else 2 * c + 1)
+    assert torch.equal(w[:, :c], w0[:, :c])
     if left_condition:  # App. C.1: image weights copied to both image slots and halved; mask starts at 0
-        assert torch.equal(w[:, 4:8], w0[:, 4:8] / 2) and torch.equal(w[:, 8:12], w0[:, 4:8] / 2)
+        assert torch.equal(w[:, c : 2 * c], w0[:, c:] / 2) and torch.equal(w[:, 2 * c : 3 * c], w0[:, c:] / 2)
     else:
-        assert torch.equal(w[:, 4:8], w0[:, 4:8])
+        assert torch.equal(w[:, c : 2 * c], w0[:, c:])
     assert not w[:, -1].any()
     # every other UNet weight is the prior's
     other = {k: v for k, v in prior.state_dict().items() if not k.startswith("conv_in.weight")}
@@ -95,6 +97,27 @@ def test_the_prior_trains_a_share_of_clips_at_sigma_max(share):
         assert torch.log(rest).mean().item() == pytest.approx(settings["p_mean"], abs=0.1)
 
 
+def test_the_prior_conditions_on_its_own_degraded_frames_or_on_the_first_frame():
+    """Per-frame conditions (the stereo task's shape) for a share of the clips, SVD's image-to-video for the
+    rest; the image-to-video condition keeps SVD's one noise draw for the repeated frame."""
+    import numpy as np
+
+    from lightning_m2s.models.embedding import PooledFrameEmbedding
+    from lightning_m2s.models.vae import FrozenVideoVAE
+
+    vae = FrozenVideoVAE.from_config({"block_out_channels": (32, 32)}, seed=0)
+    prior = ImageToVideoPrior(None, vae, PooledFrameEmbedding(dim=64, seed=0), PRIOR_RECIPE)
+    video = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    cond_video = prior.condition_video(video, torch.tensor([True, False]), np.random.default_rng(0))
+    assert cond_video.shape == video.shape
+    assert not torch.equal(cond_video[0, 1], cond_video[0, 0])  # every frame its own (degraded) condition
+    assert torch.equal(cond_video[1], video[1, :1].expand(4, -1, -1, -1))  # the first frame, repeated
+    latent, context, time_ids = prior.conditioning(cond_video, video[:, :1], torch.tensor([5.0, 30.0]), torch.Generator().manual_seed(0))
+    assert latent.shape == (2, 4, vae.latent_channels, 16, 16) and context.shape == (2, 1, 64) and time_ids.shape == (2, 3)
+    assert torch.equal(latent[1, 0], latent[1, 3])  # one noise draw for the repeated frame
+    assert not torch.equal(latent[0, 0], latent[0, 3])
+
+
 TINY_VAE = {"steps": 24, "final_steps": 4, "num_synthetic": 2, "num_pans": 3, "pool_frames": 8,
             "eval_clips": 2, "eval_frames": 4, "checkpoint_every": 8, "lr": 3e-3}
 TINY_DECODER = {"steps": 12, "num_synthetic": 2, "num_pans": 2, "pool_frames": 8, "eval_clips": 2, "eval_frames": 4,
@@ -119,7 +142,7 @@ def test_shortened_recipes_run_end_to_end_resume_and_learn(tmp_path):
     seen = []
     vae = train_vae(tmp_path / "vae", TINY_VAE, on_step=lambda s, _: seen.append(s), progress=False)
     assert seen[0] == 9 and seen[-1] == 28  # resumed after step 8, not from scratch
-    assert vae["train_l1_last"] < vae["train_l1_first"]
+    assert vae["train_loss_last"] < vae["train_loss_first"]
     assert not (tmp_path / "vae" / "checkpoint.pt").exists()
     # 2. The prior on it: SVD's objective falls on held-out clips.
     prior = train_prior(tmp_path / "vae" / "vae", tmp_path / "prior", TINY_PRIOR, progress=False)
@@ -172,3 +195,50 @@ def test_a_short_fine_tune_of_the_shipped_prior_beats_warp_only_on_held_out_clip
     # cannot beat it there; what learning must show is the holes filled (full frame above the black holes).
     assert metrics["test/synthetic/psnr_outside"] > floor["test/synthetic/psnr_outside"]
     assert metrics["test/real/psnr"] > floor["test/real/psnr"]
+
+
+def test_a_recipe_stopped_by_sigterm_saves_its_step_and_resumes_from_it(tmp_path):
+    """The shared recipe loop: SIGTERM mid-run checkpoints after the current step and exits 143; the rerun
+    continues from that step (nothing of the run is lost, the progress between checkpoints included)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "vae"
+    settings = ["steps=2000", "final_steps=0", "num_synthetic=1", "num_pans=1", "pool_frames=6", "size=32",
+                "batch_size=1", "frames=2", "eval_clips=1", "eval_frames=2", "checkpoint_every=1000"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "lightning_m2s.cli", "pretrain", "vae", *settings, "--out", str(out)],
+                                stdout=f, stderr=subprocess.STDOUT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = lambda: [int(n) for n in re.findall(r"\| *(\d+)/2000", log.read_text())]  # noqa: E731
+    deadline = time.monotonic() + 240
+    while not [n for n in done() if n >= 3]:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
+    assert "stopped by SIGTERM: saved" in log.read_text()
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert saved >= 3  # the steps since the start, not the last periodic checkpoint (none yet)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_one(step, loss):
+        seen.append(step)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train_vae(out, {k: yaml_value(v) for k, v in (s.split("=") for s in settings)}, on_step=stop_after_one, progress=False)
+    assert seen == [saved + 1]
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)

@@ -5,7 +5,7 @@ from lightning_m2s.errors import ConfigError
 from lightning_m2s.models.refiner import build_refiner
 from lightning_m2s.objective import edm_scalings
 
-VAE = dict(block_out_channels=(32, 32, 32, 32))
+VAE = dict(block_out_channels=(32, 32, 32, 32), latent_channels=4)  # SVD's layout: 8x down, 4 channels
 
 
 def batch(B=1, T=3, S=32, seed=0):
@@ -117,3 +117,26 @@ def test_model_sees_the_dilated_mask():
         build_refiner(vae=VAE, mask_dilation=2)
     with pytest.raises(ConfigError, match="model.attention_kv"):
         build_refiner(vae=VAE, attention_kv="raw")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_evaluation_and_convert_give_the_same_output_for_a_clip_seed_and_steps(steps):
+    """One noise source (StereoRefiner.generate): the evaluation of a module and `m2s convert`'s refinement
+    draw the same condition augmentation and the same starting noise for the same clip, seed and steps."""
+    from types import SimpleNamespace
+
+    from lightning_m2s.config import load_config
+    from lightning_m2s.convert import refine_latent
+    from lightning_m2s.train import build_module
+
+    module = build_module(load_config("debug", [])).eval()
+    left, warped, _, mask = batch(T=3, S=32, seed=3)
+    clip = SimpleNamespace(left=left, warped=warped, mask=mask, meta=[{"fps": 5.0}])
+    with torch.no_grad():
+        evaluated = module.predict_video(clip, seed=7, steps=steps)[0]
+        latent = refine_latent(module.model, left[0], warped[0], mask[0, :, 0], steps=steps, fps_id=5.0, seed=7)
+        converted = module.model.decode(latent)[0].clamp(-1, 1)
+        other_seed = module.predict_video(clip, seed=8, steps=steps)[0]
+    assert torch.allclose(evaluated, converted, atol=1e-5)
+    if steps > 1:
+        assert not torch.allclose(evaluated, other_seed, atol=1e-3)

@@ -159,9 +159,11 @@ def _step_latency(checkpoint: Path, video: Path, depth: Path, steps: int, repeat
     warped, holes = forward_splat(left, disparity)
     mask = close_mask(holes, 3)
     whole = lambda: model.decode(refine_latent(model, left, warped, mask, steps=steps), 8)  # noqa: E731
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        cond = model.build_conditioning(left[None], warped[None], mask[None, :, None], fps_id=24, cond_aug=0.02)
-    denoise = lambda: model.predict_one_step(cond) if steps == 1 else model.sample(cond, steps)  # noqa: E731
+        cond = model.build_conditioning(left[None], warped[None], mask[None, :, None], fps_id=24, cond_aug=0.02,
+                                        generator=generator)
+    denoise = lambda: model.generate(cond, steps, generator)  # noqa: E731
     with torch.no_grad():
         return best_time(whole, repeats=repeats, warmup=1), best_time(denoise, repeats=repeats, warmup=1)
 

@@ -3,7 +3,7 @@
 Training modules use it as:
     model = build_refiner(**cfg.model)                       # plain keys, see REFINER_DEFAULTS
     cond = model.build_conditioning(left, warped, mask)      # [B,T,3,H,W] in [-1,1], mask bool [B,T,1,H,W]
-    z = model.encode_target(right)                           # [B,T,4,H/d,W/d], sampled x scaling factor
+    z = model.encode_target(right)                           # [B,T,c,H/d,W/d], sampled x scaling factor
     z_hat = model.predict_one_step(cond)                     # Eq. 4
     video = model.decode(z_hat)                              # gradients flow to z_hat
     loss = model.denoiser.diffusion_loss(z, cond, sigma)     # standard diffusion (Eq. 1)
@@ -26,7 +26,7 @@ from lightning_m2s.models.attention import KV_SOURCES, POLICIES, install_attenti
 from lightning_m2s.models.embedded import resolve_pretrained
 from lightning_m2s.models.embedding import POOLED_SUBFOLDER, CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
 from lightning_m2s.models.pretrained import check_svd_directory
-from lightning_m2s.models.vae import FrozenVideoVAE
+from lightning_m2s.models.vae import TINY_VAE_CONFIG, FrozenVideoVAE
 from lightning_m2s.objective import SIGMA_MAX, SIGMA_MIN, Denoiser
 
 # The `model:` config section: every key, its default, and why.
@@ -37,7 +37,7 @@ REFINER_DEFAULTS = dict(
     vae=None,  # dict overriding TINY_VAE_CONFIG (tiny default only)
     vae_path=None,  # a saved AutoencoderKLTemporalDecoder dir (e.g. the cached tiny VAE); wins over the above
     embedding=None,  # "clip" | "pooled"; None = clip with `pretrained`, pooled (stand-in) otherwise
-    left_condition=True,  # E(V_l) in conv_in: 13 channels; False = 9 (Table 4 ablation)
+    left_condition=True,  # E(V_l) in conv_in: 3c + 1 channels (13 for SVD); False = 2c + 1 (Table 4 ablation)
     full_attention=True,  # disocclusion tokens attend to the whole clip (Sec. 5.3)
     attention_policy="area",  # token mask per layer: area | any | bilinear (released), see attention.py
     attention_threshold=0.5,  # "area": hole fraction of a token's cell above this
@@ -66,15 +66,17 @@ MASK_RESIZE = ("bilinear", "area", "max")
 class StereoCondition:
     """Everything the UNet is conditioned on, for one batch."""
 
-    latents: torch.Tensor  # [B, T, 9 | 5, h, w]: E(V_l) (if on), E(V_warp), mask (+1 hole / -1 known)
+    latents: torch.Tensor  # [B, T, 2c + 1 | c + 1, h, w]: E(V_l) (if on), E(V_warp), mask (+1 hole / -1 known)
     context: torch.Tensor  # [B, T, D]: one embedding per left frame
     added_time_ids: torch.Tensor  # [B, 3]: fps_id, motion_bucket_id, cond_aug
     hole_mask: torch.Tensor | None  # [B, T, H, W] float hole mask at pixel resolution (attention), or None
+    latent_channels: int  # c: the VAE's (4 for SVD)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
+        """The shape of the latent being denoised: [B, T, c, h, w]."""
         B, T, _, h, w = self.latents.shape
-        return (B, T, unet_lib.LATENT_CHANNELS, h, w)
+        return (B, T, self.latent_channels, h, w)
 
 
 class StereoRefiner(nn.Module):
@@ -112,6 +114,8 @@ class StereoRefiner(nn.Module):
             raise ConfigError(f"model.attention_policy {attention_policy!r}: choose from {POLICIES}")
         if autocast_dtype not in AUTOCAST_DTYPES:
             raise ConfigError(f"model.autocast_dtype {autocast_dtype!r}: choose from {list(AUTOCAST_DTYPES)}")
+        if unet.config.out_channels != vae.latent_channels:
+            raise ModelError(f"unet out_channels {unet.config.out_channels} != the VAE's {vae.latent_channels} latent channels")
         if embedding.dim != unet.config.cross_attention_dim:
             raise ModelError(
                 f"frame embedding width {embedding.dim} != unet cross_attention_dim {unet.config.cross_attention_dim}"
@@ -196,7 +200,7 @@ class StereoRefiner(nn.Module):
         warped_aug = warped + sigma * torch.randn(warped.shape, generator=generator).to(warped)
 
         with self._autocast(device):
-            # 2. Condition latents: posterior mode, unscaled: [B, T, 4, h, w] each
+            # 2. Condition latents: posterior mode, unscaled: [B, T, c, h, w] each
             parts = []
             if self.left_condition:
                 left_aug = left + sigma * torch.randn(left.shape, generator=generator).to(left)
@@ -206,15 +210,15 @@ class StereoRefiner(nn.Module):
             parts.append(self.mask_to_latent(mask, latent_hw).to(parts[0]))
             # 4. Cross-attention context, one token per left frame: [B*T, 1, D] -> [B, T, D]
             context = self.embedding(left).reshape(B, T, -1)
-        latents = torch.cat([p.float() for p in parts], dim=2)  # [B, T, 9 | 5, h, w]
+        latents = torch.cat([p.float() for p in parts], dim=2)  # [B, T, 2c + 1 | c + 1, h, w]
         time_ids = added_time_ids(fps_id, self.motion_bucket_id, cond_aug, B, device=device)
         hole = mask[:, :, 0].float() if self.attention is not None else None
-        return StereoCondition(latents, context.float(), time_ids, hole)
+        return StereoCondition(latents, context.float(), time_ids, hole, self.vae.latent_channels)
 
     # --- the network and the objective -----------------------------------------------------------
     def _network(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: StereoCondition) -> torch.Tensor:
-        """F(c_in * x, c_noise): the UNet's v-prediction. x_in [B, T, 4, h, w] -> [B, T, 4, h, w]."""
-        sample = torch.cat([x_in, cond.latents.to(x_in)], dim=2)  # [B, T, 13 | 9, h, w]
+        """F(c_in * x, c_noise): the UNet's v-prediction. x_in [B, T, c, h, w] -> [B, T, c, h, w]."""
+        sample = torch.cat([x_in, cond.latents.to(x_in)], dim=2)  # [B, T, 3c + 1 | 2c + 1, h, w]
         if self.attention is not None:
             # Stays set until the next call, so checkpoint recomputation in backward sees it.
             self.attention.cap_enabled = self.training
@@ -226,20 +230,27 @@ class StereoRefiner(nn.Module):
             )[0]
         return out.to(x_in.dtype)
 
-    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: StereoCondition) -> torch.Tensor:
-        """EDM denoiser D(x_t, sigma): the clean-latent estimate, [B, T, 4, h, w]."""
-        return self.denoiser(x_t, sigma, cond)
-
     def predict_one_step(self, cond: StereoCondition) -> torch.Tensor:
-        """Paper Eq. 4: the clean latent from a zero latent at sigma_max, [B, T, 4, h, w] (scaled space)."""
+        """Paper Eq. 4: the clean latent from a zero latent at sigma_max, [B, T, c, h, w] (scaled space)."""
         return self.denoiser.predict_one_step(cond.latent_shape, cond, device=cond.latents.device)
 
     def sample(self, cond: StereoCondition, steps: int, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Euler EDM sampling with `steps` steps from `noise` [B, T, 4, h, w], or from noise drawn with
+        """Euler EDM sampling with `steps` steps from `noise` [B, T, c, h, w], or from noise drawn with
         `generator` (never from zeros; see Denoiser.sample)."""
         return self.denoiser.sample(cond.latent_shape, cond, steps, noise=noise, device=cond.latents.device,
                                     generator=generator)
+
+    def generate(self, cond: StereoCondition, steps: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The right view's latent [B, T, c, h, w]: Eq. 4 for one step, else `steps` Euler steps from noise.
+
+        The one noise source of every caller (evaluation, convert, benchmarks): `generator`, the same
+        generator that drew the condition's augmentation in `build_conditioning`, continued; so a clip, a
+        seed and a step count give the same output wherever they run."""
+        if steps == 1:
+            return self.predict_one_step(cond)
+        noise = torch.randn(cond.latent_shape, generator=generator).to(cond.latents.device)
+        return self.sample(cond, steps, noise=noise)
 
     # --- VAE ----------------------------------------------------------------------------------------
     def encode_target(self, right: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
@@ -248,21 +259,17 @@ class StereoRefiner(nn.Module):
             return self.vae.encode_target(right, sample=sample, generator=generator).float()
 
     def decode(self, latent: torch.Tensor, decode_chunk_size: int | None = None) -> torch.Tensor:
-        """Scaled latent [B, T, 4, h, w] -> video [B, T, 3, H, W]; gradients flow to the latent."""
+        """Scaled latent [B, T, c, h, w] -> video [B, T, 3, H, W]; gradients flow to the latent."""
         with self._autocast(latent.device):
             return self.vae.decode(latent, decode_chunk_size).float()
 
     @torch.no_grad()
     def predict(self, left, warped, mask, fps_id=5, steps: int = 1, seed: int = 0) -> torch.Tensor:
-        """Inference: right view [B, T, 3, H, W] from left, warped and mask (eval cond_aug); its noise (the
-        condition's augmentation, the start of several steps) is seeded by `seed`."""
-        cond = self.build_conditioning(left, warped, mask, fps_id=fps_id, cond_aug=self.cond_aug_eval,
-                                       generator=torch.Generator().manual_seed(seed))
-        if steps == 1:
-            latent = self.predict_one_step(cond)
-        else:
-            latent = self.sample(cond, steps, generator=torch.Generator().manual_seed(seed))
-        return self.decode(latent)
+        """Inference: right view [B, T, 3, H, W] from left, warped and mask (eval cond_aug); all its noise
+        (the condition's augmentation, the start of several steps) comes from `seed` (see `generate`)."""
+        generator = torch.Generator().manual_seed(seed)
+        cond = self.build_conditioning(left, warped, mask, fps_id=fps_id, cond_aug=self.cond_aug_eval, generator=generator)
+        return self.decode(self.generate(cond, steps, generator))
 
 
 def build_refiner(**kwargs) -> StereoRefiner:
@@ -292,7 +299,8 @@ def build_refiner(**kwargs) -> StereoRefiner:
     else:
         if embedding_kind == "clip":
             raise ConfigError("model.embedding 'clip' needs model.pretrained (an SVD directory with image_encoder/)")
-        unet = unet_lib.build_tiny_unet(seed=cfg["seed"], **(cfg["unet"] or {}))
+        c = {**TINY_VAE_CONFIG, **(cfg["vae"] or {})}["latent_channels"]  # the UNet follows the VAE
+        unet = unet_lib.build_tiny_unet(seed=cfg["seed"], **{"in_channels": 2 * c, "out_channels": c, **(cfg["unet"] or {})})
 
     # 2. Frozen VAE
     if cfg["vae_path"] is not None:

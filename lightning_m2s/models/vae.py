@@ -20,17 +20,18 @@ from torch import nn
 from lightning_m2s.errors import ModelError
 from lightning_m2s.models.pretrained import check_svd_directory
 
-# The embedded default's architecture (its weights: pretrain.vae, shipped in weights/): 2x down, 4 latent
-# channels (the UNet's conditioning layout). At 4x a tiny VAE stops near 21 dB on the evaluation clips,
-# below the classical-fill floor (about 28 dB); at 2x (3x fewer numbers than pixels) it passes it.
-# One layer per block keeps the temporal decoder cheap; 64 wide is the smallest that reaches the goal.
+# The embedded default's architecture (its weights: pretrain.vae, shipped in weights/): 2x down with as many
+# latent numbers as pixel values (12 channels = 2 x 2 pixels x RGB), so the round trip can be near lossless;
+# the UNet's conditioning layout follows the latent channel count (models.unet). The mid blocks' attention
+# is switched off (zero output projection, see `switch_off_mid_attention`): without it the VAE is all
+# convolutions, linear in the frame size. One layer per block keeps the temporal decoder cheap.
 TINY_VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 2,
     block_out_channels=(64, 64),
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=12,
     sample_size=64,
     scaling_factor=0.18215,  # refitted by the recipe
 )
@@ -38,14 +39,49 @@ TINY_VAE_CONFIG = dict(
 ENCODE_MODES = ("mode", "sample", "mean")
 
 
+def mid_attentions(vae: AutoencoderKLTemporalDecoder) -> list[nn.Module]:
+    """The self-attention layers of the encoder's and the temporal decoder's mid blocks."""
+    return [*vae.encoder.mid_block.attentions, *vae.decoder.mid_block.attentions]
+
+
+class PassThroughAttnProcessor:
+    """A mid-block attention whose output projection is zero adds nothing to its residual: return the
+    residual without computing the attention (quadratic in the frame size). Exactly the same output."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return hidden_states / attn.rescale_output_factor
+
+
+def switch_off_mid_attention(vae: AutoencoderKLTemporalDecoder) -> None:
+    """Zero and freeze the mid blocks' attention output projections (a VAE trained so never uses them) and
+    skip their computation. diffusers builds these layers unconditionally, so the weights stay in the file
+    (and a plain diffusers load computes the same output, only slower)."""
+    for attn in mid_attentions(vae):
+        for p in attn.to_out[0].parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+        attn.set_processor(PassThroughAttnProcessor())
+
+
+def skip_unused_mid_attention(vae: AutoencoderKLTemporalDecoder) -> bool:
+    """Install the pass-through where a loaded VAE's mid-block attention has a zero output projection."""
+    layers = mid_attentions(vae)
+    unused = all(not any(p.any() for p in attn.to_out[0].parameters()) for attn in layers)
+    if unused:
+        for attn in layers:
+            attn.set_processor(PassThroughAttnProcessor())
+    return unused
+
+
 class FrozenVideoVAE(nn.Module):
-    """Video in [-1, 1] [B, T, 3, H, W] <-> latents [B, T, 4, H/d, W/d] (d = downscale: 8 for SVD, 2 for the tiny default)."""
+    """Video in [-1, 1] [B, T, 3, H, W] <-> latents [B, T, c, H/d, W/d] (SVD: c 4, d 8; the tiny default: c 12, d 2)."""
 
     def __init__(self, vae: AutoencoderKLTemporalDecoder, encode_chunk_size: int = 16, decode_chunk_size: int | None = None):
         super().__init__()
         if encode_chunk_size < 1 or (decode_chunk_size is not None and decode_chunk_size < 1):
             raise ModelError(f"vae chunk sizes must be >= 1, got {encode_chunk_size}, {decode_chunk_size}")
         self.vae = vae
+        skip_unused_mid_attention(vae)
         self.encode_chunk_size = encode_chunk_size
         self.decode_chunk_size = decode_chunk_size  # None: whole clip (the released training setting)
         self.vae.requires_grad_(False)
@@ -91,6 +127,10 @@ class FrozenVideoVAE(nn.Module):
         return float(self.vae.config.scaling_factor)
 
     @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
     def downscale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -99,7 +139,7 @@ class FrozenVideoVAE(nn.Module):
     def encode(
         self, video: torch.Tensor, mode: str = "mode", scale: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """video [B, T, 3, H, W] in [-1, 1] -> latents [B, T, 4, H/d, W/d], in chunks of frames.
+        """video [B, T, 3, H, W] in [-1, 1] -> latents [B, T, c, H/d, W/d], in chunks of frames.
 
         mode: "mode" / "mean" (the same for a Gaussian posterior) or "sample"; scale: times scaling_factor."""
         if mode not in ENCODE_MODES:
@@ -115,7 +155,7 @@ class FrozenVideoVAE(nn.Module):
         for i in range(0, frames.shape[0], self.encode_chunk_size):
             dist = self.vae.encode(frames[i : i + self.encode_chunk_size]).latent_dist
             latents.append(dist.sample(generator) if mode == "sample" else dist.mode())
-        z = torch.cat(latents).to(video.dtype)  # [B*T, 4, h, w]
+        z = torch.cat(latents).to(video.dtype)  # [B*T, c, h, w]
         if scale:
             z = z * self.scaling_factor
         return z.unflatten(0, (B, T))
@@ -130,7 +170,7 @@ class FrozenVideoVAE(nn.Module):
 
     # --- decode ---------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, decode_chunk_size: int | None = None) -> torch.Tensor:
-        """Scaled latents [B, T, 4, h, w] -> video [B, T, 3, 8h, 8w] (about [-1, 1]).
+        """Scaled latents [B, T, c, h, w] -> video [B, T, 3, d h, d w] (about [-1, 1]).
 
         The temporal decoder mixes frames within a chunk: chunks of `decode_chunk_size` frames per
         clip (default: the wrapper's setting; None = the whole clip). Under no_grad the peak memory is
@@ -145,7 +185,7 @@ class FrozenVideoVAE(nn.Module):
         for b in range(B):
             parts = []
             for i in range(0, T, chunk):
-                part = z[b, i : i + chunk]  # [t, 4, h, w]
+                part = z[b, i : i + chunk]  # [t, c, h, w]
                 parts.append(self.vae.decode(part, num_frames=part.shape[0]).sample)
             clips.append(torch.cat(parts))  # [T, 3, H, W]
         return torch.stack(clips).to(latents.dtype)

@@ -1,7 +1,7 @@
 """The LightningModule every training variant shares: model, shared step, optimiser, evaluation.
 
-A variant only says how its loss is computed (`compute_loss`) and how it predicts at evaluation
-(`predict_latent`); the loop, metrics, long-video augmentation and NaN checks live here once.
+A variant only says how its loss is computed (`compute_loss`); it predicts at evaluation with the
+refiner's `generate`; the loop, metrics, long-video augmentation and NaN checks live here once.
 """
 
 from __future__ import annotations
@@ -101,15 +101,6 @@ class StereoModule(L.LightningModule):
         """(scalar loss, parts to log) for one training or validation batch."""
         raise NotImplementedError
 
-    def predict_latent(self, cond, seed: int = 0, steps: int | None = None) -> torch.Tensor:
-        """The right view's latent at evaluation: Eq. 4 (one step from a zero latent), or `steps` (default:
-        the first of eval.steps) Euler steps from seeded noise (multi-step sampling starts from noise;
-        from zeros it would only follow the mean and never sharpen)."""
-        steps = self.eval_steps[0] if steps is None else steps
-        if steps == 1:
-            return self.model.predict_one_step(cond)
-        return self.model.sample(cond, steps, generator=torch.Generator().manual_seed(seed))
-
     # --- shared pieces ------------------------------------------------------------------------
     def conditioning(self, batch: StereoClip, eval_mode: bool = False, generator: torch.Generator | None = None):
         fps = torch.tensor([m.get("fps", 5.0) for m in batch.meta], device=self.device)
@@ -122,8 +113,10 @@ class StereoModule(L.LightningModule):
         first of eval.steps). Its noise (the condition augmentation, multi-step sampling) comes from
         `seed` alone, never the global RNG: the same weights score the same before and after a resume,
         and every step count sees the same condition."""
-        cond = self.conditioning(batch, eval_mode=True, generator=torch.Generator().manual_seed(seed))
-        return self.model.decode(self.predict_latent(cond, seed, steps)).clamp(-1, 1)
+        generator = torch.Generator().manual_seed(seed)
+        cond = self.conditioning(batch, eval_mode=True, generator=generator)
+        steps = self.eval_steps[0] if steps is None else steps
+        return self.model.decode(self.model.generate(cond, steps, generator)).clamp(-1, 1)
 
     def _long_video_augment(self, batch: StereoClip) -> StereoClip:
         """With `probability` per batch, n frames of every clip become known (one n per batch, as the

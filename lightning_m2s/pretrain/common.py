@@ -1,16 +1,19 @@
-"""What the recipes share: settings with typed overrides, atomic files, resumable checkpoints, a progress bar."""
+"""What the recipes share: the loop (`Recipe`, `run`), settings with typed overrides, atomic files,
+resumable checkpoints, a progress bar."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lightning_m2s.errors import ConfigError, ModelError
+from lightning_m2s.errors import ConfigError, Interrupted, ModelError
 from lightning_m2s.files import temporary, write_json  # noqa: F401 - the recipes use both
 
 
@@ -72,8 +75,6 @@ def load_checkpoint(path: Path, settings: dict) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a torn file: keep it for inspection, start over
         path.replace(path.with_name(path.name + ".corrupt"))
-        import logging
-
         logging.getLogger(__name__).warning("%s is unreadable (%s): moved to %s.corrupt, starting over", path, err, path.name)
         return None
     if state.get("settings") != json.loads(json.dumps(settings)):
@@ -144,3 +145,130 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, params, recip
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
     opt.step()
+
+
+class Recipe:
+    """One recipe for `run`: its settings, what it trains, its step, its evaluation and its result.
+
+    A subclass sets `name` (`m2s pretrain NAME`), `defaults` (every setting) and `result` (the folder
+    of `out` it writes last: its presence marks the recipe finished), and implements the methods below.
+    `run` owns everything else: resume, learning rate, progress, checkpoints, signals, metrics.json."""
+
+    name: str
+    defaults: dict
+    result: str
+
+    def __init__(self, settings: dict | None = None):
+        self.s = resolve_settings(self.defaults, settings, self.name)
+
+    @property
+    def total_steps(self) -> int:
+        return self.s["steps"]
+
+    def recorded_settings(self) -> dict:
+        """settings.json (and the manifest): every setting, and what else the run depends on."""
+        return dict(self.s)
+
+    def setup(self, out: Path) -> None:
+        """Build the models, the optimiser (`self.opt`) and the data: called once, before any step."""
+        raise NotImplementedError
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.s["steps"], self.s["lr"])
+
+    def loss(self, step: int) -> torch.Tensor:
+        """Draw a batch and return the scalar loss of optimiser step `step` (0-based)."""
+        raise NotImplementedError
+
+    def trained_parameters(self) -> list:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """What a checkpoint needs beyond the optimiser and the step log: weights, RNG states."""
+        raise NotImplementedError
+
+    def load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def start(self) -> dict:
+        """Measured once before the first step (not again on resume): kept in the checkpoint and the metrics."""
+        return {}
+
+    def evaluate(self) -> dict:
+        """The held-out metrics after the last step."""
+        raise NotImplementedError
+
+    def save(self, out: Path) -> None:
+        """Write the result into `out`, the folder `result` last and atomically (`temporary`)."""
+        raise NotImplementedError
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT noted by a handler; the loop checkpoints after the step it is in and stops."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self._old = {sig: signal.signal(sig, self._note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def run(recipe: Recipe, out: str | Path, on_step=None, progress: bool = True) -> dict:
+    """Run (or resume, or find finished) `recipe` into `out`; returns its metrics.
+
+    `out/checkpoint.pt` is written every `checkpoint_every` steps and on SIGTERM / SIGINT (then
+    `Interrupted` is raised: the CLI exits 143 / 130); rerunning resumes from it. on_step(step, loss)
+    runs after every step; an exception it raises stops the run like a kill (the last checkpoint stays)."""
+    log = logging.getLogger(f"lightning_m2s.pretrain.{recipe.name}")
+    out = Path(out)
+    if (out / recipe.result / "config.json").is_file() and (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    recipe.setup(out)
+    write_json(out / "settings.json", recipe.recorded_settings())
+    ckpt, total = out / "checkpoint.pt", recipe.total_steps
+    steps = StepLog(total, f"pretrain {recipe.name}", recipe.s["checkpoint_every"], progress, on_step)
+    state = load_checkpoint(ckpt, recipe.s)
+    if state is not None:
+        recipe.load_state(state)
+        recipe.opt.load_state_dict(state["optimizer"])
+        steps.restore(state)
+        started = state["start"]
+        log.info("pretrain %s: resuming %s at step %d of %d", recipe.name, out, steps.step, total)
+    else:
+        started = recipe.start()
+
+    def checkpoint():
+        save_checkpoint(ckpt, {**recipe.state(), "optimizer": recipe.opt.state_dict(), "settings": recipe.s,
+                               "start": started, **steps.state()})
+
+    params = recipe.trained_parameters()
+    with steps, _StopRequest() as stop:
+        while steps.step < total:
+            t_step = time.perf_counter()
+            for group in recipe.opt.param_groups:
+                group["lr"] = recipe.lr(steps.step)
+            loss = recipe.loss(steps.step)
+            optimizer_step(loss, recipe.opt, params, recipe.name, steps.step)
+            steps.record(loss, t_step, checkpoint)
+            if stop.signum is not None and steps.step < total:
+                checkpoint()
+                raise Interrupted(stop.signum, ckpt)
+
+    t_eval = time.perf_counter()
+    metrics = {**started, **recipe.evaluate(), **steps.summary(), "eval_s": time.perf_counter() - t_eval,
+               "torch": torch.__version__}
+    write_json(out / "metrics.json", metrics)
+    recipe.save(out)
+    ckpt.unlink(missing_ok=True)
+    log.info("pretrain %s done in %.0f s -> %s", recipe.name, time.perf_counter() - t_start, out / recipe.result)
+    return metrics

@@ -6,38 +6,35 @@ training scenes and photograph pans), resumable from `DIR/checkpoint.pt`, and wr
     DIR/vae/            save_pretrained (safetensors), scaling_factor fitted to unit-variance latents
     DIR/metrics.json    held-out reconstruction PSNR per test set (the grid's test clips), losses, timings
 
-Why 2x down and 4 latent channels (models.vae.TINY_VAE_CONFIG): the latent must keep 4 channels (the
-UNet's conditioning layout, App. C.1), and the decoder must reconstruct well above the classical-fill
-floor of the evaluation sets (about 28 dB synthetic, 24 dB real at 64 px): at 4x down (12x fewer
-numbers than pixels) a tiny VAE stops near 21 dB; at 2x (3x fewer) it passes 31 dB.
+Why 2x down with 12 latent channels (models.vae.TINY_VAE_CONFIG): the round trip has to cost little next
+to the floors of the evaluation sets (the row fill's error on the real clips is about 23 dB): with 4 channels
+at 2x (3x fewer numbers than pixels) the shipped VAE stopped at 27 dB real, which a model can never pass;
+12 channels hold as many numbers as pixel values, and the UNet's grid (so its cost) stays that of 2x.
+The mid blocks' attention is switched off (linear time in the frame size: models.vae).
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lightning_m2s.errors import ModelError
-from lightning_m2s.models.vae import TINY_VAE_CONFIG
+from lightning_m2s.models.vae import TINY_VAE_CONFIG, mid_attentions, skip_unused_mid_attention, switch_off_mid_attention
 from lightning_m2s.pretrain import common
 from lightning_m2s.pretrain.data import ClipSampler, render_pool
 
-log = logging.getLogger(__name__)
-
 # Every setting of the recipe (the manifest records them). Step times are for 2 quiet CPU cores.
 VAE_RECIPE = {
-    "steps": 3000,  # main phase on `size` crops
+    "steps": 2400,  # main phase on `size` crops
     "lr": 4e-3,  # Adam peak: warm-up, cosine decay to 5%
     "batch_size": 4,  # clips per step (kept in pixels when the crop size changes)
     "frames": 4,  # frames per clip: the temporal decoder's 3-tap time convolutions see interior frames
     "size": 32,  # crop side of the main phase: small crops make steps cheap
     # Then `final_steps` on crops of every side in `final_sizes` at `final_lr`: the VAE does not carry
-    # over between sizes by itself (GroupNorm statistics, the mid-block attention).
-    "final_steps": 600,
+    # over between sizes by itself (GroupNorm statistics).
+    "final_steps": 400,
     "final_sizes": [32, 64, 128],
     "final_lr": 5e-4,
     "kl_weight": 1e-6,  # SD-VAE style: a tiny KL keeps the latent bounded without blurring
@@ -45,6 +42,7 @@ VAE_RECIPE = {
     "num_pans": 96,  # photograph pans
     "pool_frames": 24,
     "seed": 0,
+    "latent_channels": TINY_VAE_CONFIG["latent_channels"],
     "eval_size": 64,  # the embedded default's evaluation clips: 16 frames, 64 px
     "eval_frames": 16,
     "eval_clips": None,  # a cap on the held-out clips (None: every test clip of the embedded default)
@@ -55,31 +53,17 @@ VAE_RECIPE = {
 LOGVAR_INIT = -8.0
 
 
-def _checkpoint(path: Path, vae, opt, settings: dict, sampler, noise: torch.Generator, steps: common.StepLog) -> None:
-    """What a VAE recipe's checkpoint holds to resume exactly: weights, optimiser, every RNG, the step log."""
-    common.save_checkpoint(path, {"model": vae.state_dict(), "optimizer": opt.state_dict(), "settings": settings,
-                                  "sampler_rng": sampler.rng.bit_generator.state, "noise_rng": noise.get_state(),
-                                  **steps.state()})
-
-
-def _resume(state: dict, vae, opt, sampler, noise: torch.Generator, steps: common.StepLog) -> None:
-    """Restore what `_checkpoint` saved."""
-    vae.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sampler.rng.bit_generator.state = state["sampler_rng"]
-    noise.set_state(state["noise_rng"])
-    steps.restore(state)
-
-
-def new_vae(seed: int):
-    """A fresh tiny AutoencoderKLTemporalDecoder, initialised to learn fast (see the two comments)."""
+def new_vae(seed: int, latent_channels: int = TINY_VAE_CONFIG["latent_channels"]):
+    """A fresh tiny AutoencoderKLTemporalDecoder with its mid-block attention off, initialised to learn
+    fast (see the two comments)."""
     from diffusers import AutoencoderKLTemporalDecoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLTemporalDecoder(**TINY_VAE_CONFIG)
+        vae = AutoencoderKLTemporalDecoder(**{**TINY_VAE_CONFIG, "latent_channels": latent_channels})
+    switch_off_mid_attention(vae)
     with torch.no_grad():
-        vae.quant_conv.bias[TINY_VAE_CONFIG["latent_channels"]:] += LOGVAR_INIT
+        vae.quant_conv.bias[latent_channels:] += LOGVAR_INIT
         # the decoder ends in a 3-tap Conv3d over time on the RGB output; randomly initialised it mixes
         # neighbouring frames' colours and the run spends its first minutes undoing that: start at identity
         w = vae.decoder.time_conv_out.weight  # [3, 3, 3, 1, 1]
@@ -103,91 +87,95 @@ def heldout_views(eval_size: int, eval_frames: int, clips: int | None = None) ->
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae, clips: torch.Tensor) -> list[float]:
-    """Per-clip PSNR (dB) through the frozen wrapper's path: posterior mode, scaled latents, whole-clip decode."""
-    from lightning_m2s.metrics import to_unit, video_psnr
+def heldout_metrics(vae, views: dict[str, torch.Tensor]) -> dict:
+    """Round-trip PSNR and LPIPS (AlexNet) per test set, per clip and averaged, through the grids' path
+    (FrozenVideoVAE: posterior mode, scaled latents, whole-clip decode). Leaves `vae` as it found it."""
+    from lightning_m2s.metrics import lpips_network, to_unit, video_psnr
     from lightning_m2s.models.vae import FrozenVideoVAE
 
-    frozen = FrozenVideoVAE(vae)
-    return [float(video_psnr(to_unit(frozen.decode(frozen.encode(c[None], scale=True))), to_unit(c[None]))[0]) for c in clips]
+    flags, mode = [p.requires_grad for p in vae.parameters()], vae.training
+    frozen, net = FrozenVideoVAE(vae), lpips_network("alex")  # FrozenVideoVAE freezes: restored below
+    psnr, lpips = {}, {}
+    for name, clips in views.items():
+        recs = [frozen.decode(frozen.encode(c[None], scale=True)) for c in clips]  # [1, T, 3, H, W] each
+        psnr[name] = [float(video_psnr(to_unit(r), to_unit(c[None]))[0]) for r, c in zip(recs, clips)]
+        lpips[name] = [float(net(r[0].clamp(-1, 1), c).mean()) for r, c in zip(recs, clips)]
+    for p, flag in zip(vae.parameters(), flags):
+        p.requires_grad_(flag)
+    vae.train(mode)
+    T, _, S = next(iter(views.values())).shape[1:4]
+    return {"psnr_heldout": {k: float(np.mean(v)) for k, v in psnr.items()},
+            "lpips_heldout": {k: float(np.mean(v)) for k, v in lpips.items()},
+            "psnr_per_clip": psnr, "eval": {"frames": T, "size": S, "clips": {k: len(v) for k, v in psnr.items()}}}
+
+
+class VAERecipe(common.Recipe):
+    """The VAE from scratch: L1 + MSE + a tiny KL on posterior samples, small crops first, then every size."""
+
+    name, defaults, result = "vae", VAE_RECIPE, "vae"
+
+    @property
+    def total_steps(self) -> int:
+        return self.s["steps"] + self.s["final_steps"]
+
+    def setup(self, out: Path) -> None:
+        s = self.s
+        self.vae = new_vae(s["seed"], s["latent_channels"])
+        self.trained = [p for p in self.vae.parameters() if p.requires_grad]  # not the switched-off attention
+        self.opt = common.adam(self.trained, s["lr"])
+        self.pool = render_pool(s["num_synthetic"], s["num_pans"], s["pool_frames"], seed=s["seed"])
+        self.sampler = ClipSampler(self.pool, s["seed"])
+        self.noise = torch.Generator().manual_seed(s["seed"] + 1)
+        self.vae.train()
+
+    def trained_parameters(self) -> list:
+        return self.trained
+
+    def lr(self, step: int) -> float:
+        s = self.s
+        return s["final_lr"] if step >= s["steps"] else common.lr_at(step, s["steps"], s["lr"])
+
+    def loss(self, step: int) -> torch.Tensor:
+        s = self.s
+        size = s["size"]
+        if step >= s["steps"]:  # the final phase: every size
+            size = s["final_sizes"][int(self.sampler.rng.integers(len(s["final_sizes"])))]
+        batch = max(1, round(s["batch_size"] * (s["size"] / size) ** 2))  # the same pixels per step
+        x = self.sampler(batch, s["frames"], size).flatten(0, 1)  # [B*T, 3, S, S]
+        post = self.vae.encode(x).latent_dist
+        err = self.vae.decode(post.sample(generator=self.noise), num_frames=s["frames"]).sample - x
+        # L1 for sharpness plus MSE (what PSNR measures); SD-VAE's KL convention: summed per image
+        return err.abs().mean() + err.square().mean() + s["kl_weight"] * post.kl().mean() / x[0].numel()
+
+    def state(self) -> dict:
+        return {"model": self.vae.state_dict(), "sampler_rng": self.sampler.rng.bit_generator.state,
+                "noise_rng": self.noise.get_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.vae.load_state_dict(state["model"])
+        self.sampler.rng.bit_generator.state = state["sampler_rng"]
+        self.noise.set_state(state["noise_rng"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        s, vae = self.s, self.vae.eval()
+        # SD's recipe: scaling_factor = 1 / std of posterior samples of whole frames
+        frames = self.pool[torch.linspace(0, len(self.pool) - 1, min(32, len(self.pool))).long(), 0].float().div(127.5).sub(1.0)
+        latent_std = float(vae.encode(frames).latent_dist.sample(generator=torch.Generator().manual_seed(s["seed"] + 2)).std())
+        vae.register_to_config(scaling_factor=1.0 / latent_std)
+        metrics = heldout_metrics(vae, heldout_views(s["eval_size"], s["eval_frames"], s["eval_clips"]))
+        if not all(np.isfinite(v) for v in metrics["psnr_heldout"].values()):
+            raise ModelError(f"pretrain vae: non-finite held-out PSNR {metrics['psnr_heldout']}")
+        return {**metrics, "latent_std": latent_std, "scaling_factor": float(vae.config.scaling_factor)}
+
+    def save(self, out: Path) -> None:
+        with common.temporary(out / "vae", directory=True) as tmp:
+            self.vae.save_pretrained(tmp)
 
 
 def train_vae(out: str | Path, settings: dict | None = None, on_step=None, progress: bool = True) -> dict:
-    """Run (or resume, or find finished) the recipe into `out`; returns its metrics.
-
-    on_step(step, loss) runs after every optimiser step; an exception it raises stops the run like a
-    kill (the last checkpoint stays)."""
-    s = common.resolve_settings(VAE_RECIPE, settings, "vae")
-    out = Path(out)
-    if (out / "vae" / "config.json").is_file() and (out / "metrics.json").is_file():
-        import json
-
-        return json.loads((out / "metrics.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "settings.json", s)
-    t_start = time.perf_counter()
-    vae = new_vae(s["seed"])
-    opt = common.adam(vae.parameters(), s["lr"])
-    pool = render_pool(s["num_synthetic"], s["num_pans"], s["pool_frames"], seed=s["seed"])
-    sampler = ClipSampler(pool, s["seed"])
-    noise = torch.Generator().manual_seed(s["seed"] + 1)
-    log.info("pretrain vae: %d clips x %d frames rendered in %.1f s", *pool.shape[:2], time.perf_counter() - t_start)
-
-    ckpt = out / "checkpoint.pt"
-    total = s["steps"] + s["final_steps"]
-    steps = common.StepLog(total, "pretrain vae", s["checkpoint_every"], progress, on_step)
-    state = common.load_checkpoint(ckpt, s)
-    if state is not None:
-        _resume(state, vae, opt, sampler, noise, steps)
-        log.info("pretrain vae: resuming %s at step %d of %d", out, steps.step, total)
-
-    vae.train()
-    with steps:
-        while steps.step < total:
-            t_step = time.perf_counter()
-            final = steps.step >= s["steps"]
-            size = s["size"]
-            if final:
-                size = s["final_sizes"][int(sampler.rng.integers(len(s["final_sizes"])))]
-            batch = max(1, round(s["batch_size"] * (s["size"] / size) ** 2))
-            for group in opt.param_groups:
-                group["lr"] = s["final_lr"] if final else common.lr_at(steps.step, s["steps"], s["lr"])
-            x = sampler(batch, s["frames"], size).flatten(0, 1)  # [B*T, 3, S, S]
-            post = vae.encode(x).latent_dist
-            y = vae.decode(post.sample(generator=noise), num_frames=s["frames"]).sample
-            err = y - x
-            l1 = err.abs().mean()
-            # L1 for sharpness plus MSE (what PSNR measures); SD-VAE's KL convention: summed per image
-            loss = l1 + err.square().mean() + s["kl_weight"] * post.kl().mean() / x[0].numel()
-            common.optimizer_step(loss, opt, vae.parameters(), "vae", steps.step)
-            steps.record(l1, t_step, lambda: _checkpoint(ckpt, vae, opt, s, sampler, noise, steps))
-
-    vae.eval()
-    with torch.no_grad():  # SD's recipe: scaling_factor = 1 / std of posterior samples of whole frames
-        frames = pool[torch.linspace(0, len(pool) - 1, min(32, len(pool))).long(), 0].float().div(127.5).sub(1.0)
-        latent_std = float(vae.encode(frames).latent_dist.sample(generator=torch.Generator().manual_seed(s["seed"] + 2)).std())
-    vae.register_to_config(scaling_factor=1.0 / latent_std)
-    t_eval = time.perf_counter()
-    psnr = {name: reconstruction_psnr(vae, clips) for name, clips in heldout_views(s["eval_size"], s["eval_frames"], s["eval_clips"]).items()}
-    metrics = {
-        "psnr_heldout": {name: float(np.mean(v)) for name, v in psnr.items()},
-        "psnr_per_clip": psnr,
-        "eval": {"frames": s["eval_frames"], "size": s["eval_size"], "clips": {k: len(v) for k, v in psnr.items()}},
-        **steps.summary("train_l1"),
-        "eval_s": time.perf_counter() - t_eval,
-        "latent_std": latent_std,
-        "scaling_factor": float(vae.config.scaling_factor),
-        "torch": torch.__version__,
-    }
-    if not all(np.isfinite(v) for v in metrics["psnr_heldout"].values()):
-        raise ModelError(f"pretrain vae: non-finite held-out PSNR {metrics['psnr_heldout']}")
-    common.write_json(out / "metrics.json", metrics)
-    with common.temporary(out / "vae", directory=True) as tmp:
-        vae.save_pretrained(tmp)
-    ckpt.unlink(missing_ok=True)
-    log.info("pretrain vae done in %.0f s: held-out PSNR %s -> %s", time.perf_counter() - t_start,
-             {k: round(v, 2) for k, v in metrics["psnr_heldout"].items()}, out / "vae")
-    return metrics
+    """Run (or resume, or find finished) the VAE recipe into `out`; returns its metrics."""
+    return common.run(VAERecipe(settings), out, on_step, progress)
 
 
 # Phase 2: the decoder alone, with a perceptual loss, on a frozen encoder (SVD's own recipe: its temporal
@@ -211,80 +199,68 @@ DECODER_RECIPE = {
 }
 
 
-@torch.no_grad()
-def reconstruction_lpips(vae, clips: torch.Tensor) -> list[float]:
-    """Per-clip LPIPS (AlexNet) of the reconstruction, as the metrics compute it (frames in [-1, 1])."""
-    from lightning_m2s.metrics import lpips_network
-    from lightning_m2s.models.vae import FrozenVideoVAE
+class DecoderRecipe(common.Recipe):
+    """The decoder of a trained VAE, with LPIPS beside L1 + MSE, on its frozen encoder."""
 
-    frozen, net = FrozenVideoVAE(vae), lpips_network("alex")
-    return [float(net(frozen.decode(frozen.encode(c[None], scale=True))[0].clamp(-1, 1), c).mean()) for c in clips]
+    name, defaults, result = "decoder", DECODER_RECIPE, "vae"
+
+    def __init__(self, vae_dir: str | Path, settings: dict | None = None):
+        super().__init__(settings)
+        self.vae_dir = Path(vae_dir)
+
+    def recorded_settings(self) -> dict:
+        return {**self.s, "vae": str(self.vae_dir)}
+
+    def setup(self, out: Path) -> None:
+        from diffusers import AutoencoderKLTemporalDecoder
+
+        from lightning_m2s.metrics import lpips_network
+
+        if not (self.vae_dir / "config.json").is_file():
+            raise ModelError(f"pretrain decoder: {self.vae_dir} is not a trained VAE (no config.json); run `m2s pretrain vae` first")
+        s = self.s
+        self.vae = AutoencoderKLTemporalDecoder.from_pretrained(self.vae_dir)
+        off = {id(p) for a in mid_attentions(self.vae) for p in a.parameters()} if skip_unused_mid_attention(self.vae) else set()
+        self.trained = [p for p in self.vae.decoder.parameters() if id(p) not in off]  # the temporal decoder: no post_quant_conv
+        self.vae.requires_grad_(False)
+        for p in self.trained:
+            p.requires_grad_(True)
+        self.opt = common.adam(self.trained, s["lr"])
+        self.lpips = lpips_network("alex")
+        self.sampler = ClipSampler(render_pool(s["num_synthetic"], s["num_pans"], s["pool_frames"], seed=s["seed"]), s["seed"])
+        self.noise = torch.Generator().manual_seed(s["seed"] + 1)
+        self.views = heldout_views(s["eval_size"], s["eval_frames"], s["eval_clips"])
+        self.vae.train()
+        self.vae.encoder.eval()
+
+    def trained_parameters(self) -> list:
+        return self.trained
+
+    def start(self) -> dict:
+        m = heldout_metrics(self.vae, self.views)
+        self.vae.train()
+        self.vae.encoder.eval()
+        return {"before": {"psnr": m["psnr_heldout"], "lpips": m["lpips_heldout"]}}
+
+    def loss(self, step: int) -> torch.Tensor:
+        s = self.s
+        x = self.sampler(s["batch_size"], s["frames"], s["size"]).flatten(0, 1)  # [B*T, 3, S, S]
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.sample(generator=self.noise)
+        y = self.vae.decode(z, num_frames=s["frames"]).sample
+        err = y - x
+        return err.abs().mean() + err.square().mean() + s["lpips_weight"] * self.lpips(y, x).mean()
+
+    state = VAERecipe.state
+    load_state = VAERecipe.load_state
+
+    def evaluate(self) -> dict:
+        return {**heldout_metrics(self.vae.eval(), self.views), "scaling_factor": float(self.vae.config.scaling_factor)}
+
+    save = VAERecipe.save
 
 
 def refine_decoder(vae_dir: str | Path, out: str | Path, settings: dict | None = None, on_step=None,
                    progress: bool = True) -> dict:
     """Fine-tune the decoder of the VAE at `vae_dir` (encoder frozen) into `out`/vae; returns its metrics."""
-    import json
-
-    from diffusers import AutoencoderKLTemporalDecoder
-
-    from lightning_m2s.metrics import lpips_network
-
-    s = common.resolve_settings(DECODER_RECIPE, settings, "decoder")
-    out = Path(out)
-    if (out / "vae" / "config.json").is_file() and (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    common.write_json(out / "settings.json", {**s, "vae": str(vae_dir)})
-    vae = AutoencoderKLTemporalDecoder.from_pretrained(vae_dir)
-    trained = list(vae.decoder.parameters())  # the temporal decoder has no post_quant_conv
-    opt = common.adam(trained, s["lr"])
-    lpips = lpips_network("alex")
-    pool = render_pool(s["num_synthetic"], s["num_pans"], s["pool_frames"], seed=s["seed"])
-    sampler = ClipSampler(pool, s["seed"])
-    noise = torch.Generator().manual_seed(s["seed"] + 1)
-    views = heldout_views(s["eval_size"], s["eval_frames"], s["eval_clips"])
-    before = {"psnr": {k: float(np.mean(reconstruction_psnr(vae, v))) for k, v in views.items()},
-              "lpips": {k: float(np.mean(reconstruction_lpips(vae, v))) for k, v in views.items()}}
-    ckpt = out / "checkpoint.pt"
-    steps = common.StepLog(s["steps"], "pretrain decoder", s["checkpoint_every"], progress, on_step)
-    state = common.load_checkpoint(ckpt, s)
-    if state is not None:
-        _resume(state, vae, opt, sampler, noise, steps)
-    vae.requires_grad_(False)  # after the evaluations above, which freeze the whole VAE
-    for p in trained:
-        p.requires_grad_(True)
-    vae.train()
-    vae.encoder.eval()
-    with steps:
-        while steps.step < s["steps"]:
-            t_step = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = common.lr_at(steps.step, s["steps"], s["lr"])
-            x = sampler(s["batch_size"], s["frames"], s["size"]).flatten(0, 1)  # [B*T, 3, S, S]
-            with torch.no_grad():
-                z = vae.encode(x).latent_dist.sample(generator=noise)
-            y = vae.decode(z, num_frames=s["frames"]).sample
-            err = y - x
-            l1 = err.abs().mean()
-            loss = l1 + err.square().mean() + s["lpips_weight"] * lpips(y, x).mean()
-            common.optimizer_step(loss, opt, trained, "decoder", steps.step)
-            steps.record(loss, t_step, lambda: _checkpoint(ckpt, vae, opt, s, sampler, noise, steps))
-    vae.eval()
-    psnr = {k: reconstruction_psnr(vae, v) for k, v in views.items()}
-    metrics = {
-        "psnr_heldout": {k: float(np.mean(v)) for k, v in psnr.items()},
-        "lpips_heldout": {k: float(np.mean(reconstruction_lpips(vae, v))) for k, v in views.items()},
-        "psnr_per_clip": psnr,
-        "before": before,
-        "eval": {"frames": s["eval_frames"], "size": s["eval_size"], "clips": {k: len(v) for k, v in psnr.items()}},
-        **steps.summary(),
-        "scaling_factor": float(vae.config.scaling_factor), "torch": torch.__version__,
-    }
-    common.write_json(out / "metrics.json", metrics)
-    with common.temporary(out / "vae", directory=True) as tmp:
-        vae.save_pretrained(tmp)
-    ckpt.unlink(missing_ok=True)
-    log.info("pretrain decoder done: held-out PSNR %s, LPIPS %s (before %s)", metrics["psnr_heldout"],
-             metrics["lpips_heldout"], before)
-    return metrics
+    return common.run(DecoderRecipe(vae_dir, settings), out, on_step, progress)
