@@ -117,7 +117,8 @@ def test_the_partial_file_of_a_convert_killed_with_9_is_removed_by_the_next_one_
             proc.wait()
 
 
-def test_sigterm_to_a_benchmark_removes_its_temporary_folder_and_quick_figures_are_not_recorded(tmp_path):
+@pytest.mark.slow
+def test_sigterm_to_a_benchmark_removes_its_temporary_folder(tmp_path):
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     log = open(tmp_path / "log.txt", "w")

@@ -97,7 +97,7 @@ import random, sys, time
 from lightning_m2s import tracking
 from lightning_m2s.sweep import elect_parent_run
 client = tracking.client(sys.argv[1])
-exp = tracking.experiment_id(client, "race")
+exp = sys.argv[5]
 create = client.create_run
 
 def late_create(*args, **kwargs):  # a create request that reaches a busy server seconds after it was made:
@@ -107,7 +107,11 @@ def late_create(*args, **kwargs):  # a create request that reaches a busy server
     return create(*args, start_time=start, **kwargs)
 
 client.create_run = late_create
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all workers at once
+open(f"{sys.argv[3]}/{sys.argv[4]}", "w").close()  # all workers at once: each waits until all are ready
+deadline = time.time() + 240
+while len(__import__("os").listdir(sys.argv[3])) < 3:
+    assert time.time() < deadline, "the other workers never started"
+    time.sleep(0.01)
 print(elect_parent_run(client, exp, sys.argv[2], {"m2s.study": "race", "m2s.kind": "sweep"}, "race", {}).info.run_id)
 """
 
@@ -116,10 +120,11 @@ def test_workers_that_race_to_create_the_parent_run_elect_one_however_late_their
     uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     from lightning_m2s import tracking
 
-    tracking.client(uri)  # the store exists before the race (as after a sweep's first steps)
-    at = str(__import__("time").time() + 20)
-    procs = [subprocess.Popen([sys.executable, "-c", ELECT, uri, storage, at, str(i)], env=ENV, stdout=subprocess.PIPE,
-                              text=True) for i in range(3)]
+    exp = tracking.experiment_id(tracking.client(uri), "race")  # the store exists before the race, as in a sweep
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", ELECT, uri, storage, str(ready), str(i), exp], env=ENV,
+                              stdout=subprocess.PIPE, text=True) for i in range(3)]
     elected = {p.communicate(timeout=300)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
     runs = [r for r in all_runs(uri) if r.data.tags.get("m2s.kind") == "sweep"]

@@ -41,6 +41,7 @@ def test_a_tracking_server_that_is_down_is_one_line_naming_it_within_seconds(tmp
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing was built or trained
 
 
+@pytest.mark.slow
 def test_a_local_store_that_becomes_read_only_mid_run_is_one_line_naming_it(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
