@@ -16,6 +16,7 @@ A table cell with no finished run is NaN (shown as "—"); nothing is filled in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -202,22 +203,53 @@ def load_floors(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.Data
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No progress bar per downloaded artifact: each small file would print one into the report."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
+
+
+def treatment_first(d: dict, ablation: str | None, arms=()) -> dict:
+    """A paired difference as treatment - reference (comparison.reference_arm): a grid logged before that
+    rule (reference = its first arm) reads the other way round; the difference and its bootstrap interval
+    then change sign exactly."""
+    from lightning_m2s.comparison import reference_arm
+
+    reference = reference_arm(ARMS.get(ablation) or arms)
+    if d["arm"] != reference or d["against"] not in set(ARMS.get(ablation, ())) | set(arms):
+        return d
+    return {**d, "arm": d["against"], "against": d["arm"], "label": f"{d['against']} - {d['arm']}",
+            "mean": -d["mean"], "lo": -d["hi"], "hi": -d["lo"]}
+
+
 def load_differences(tracking_uri: str | None = None, ablations=ABLATIONS) -> pd.DataFrame:
     """The paired differences with 95% bootstrap intervals that each grid's sweep printed and logged
-    (`comparison/comparison.json` on its parent run): one row per comparison, test set and metric."""
+    (`comparison/comparison.json` on its parent run): one row per comparison, test set and metric, each
+    as treatment - reference (`treatment_first`)."""
     import json
 
     client = tracking.client(tracking_uri)
     rows = []
     for run in _parent_runs(client, ablations):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
             try:
                 path = client.download_artifacts(run.info.run_id, "comparison/comparison.json", tmp)
             except Exception:  # noqa: BLE001 - a grid without a logged comparison yet
                 continue
             data = json.loads(Path(path).read_text())
+        ablation = run.data.tags.get("m2s.ablation")
+        arms = [d["arm"] for d in data.get("differences", [])]
         for d in data.get("differences", []):
-            rows.append({"experiment": run.data.tags.get("m2s.experiment"), "ablation": run.data.tags.get("m2s.ablation"), **d})
+            rows.append({"experiment": run.data.tags.get("m2s.experiment"), "ablation": ablation,
+                         **treatment_first(d, ablation, arms)})
     columns = ["experiment", "ablation", "label", "arm", "against", "dataset", "metric", "mean", "lo", "hi",
                "clips", "seeds", "excludes_zero"]
     return pd.DataFrame(rows, columns=columns)
@@ -231,11 +263,26 @@ def differences_table(diffs: pd.DataFrame, ablation: str) -> pd.DataFrame:
     digits = lambda m: 3 if m.startswith(("lpips", "ms_ssim")) else 2  # noqa: E731
     cell = sub.apply(lambda r: f"{r['mean']:+.{digits(r.metric)}f} [{r.lo:+.{digits(r.metric)}f}, "
                                f"{r.hi:+.{digits(r.metric)}f}]{' *' if r.excludes_zero else ''}", axis=1)
-    out = sub.assign(cell=cell).pivot_table(index=["experiment", "label"], columns=["dataset", "metric"],
-                                             values="cell", aggfunc="first", sort=False)
+    label = sub.arm + " − " + sub.against  # treatment − reference
+    out = sub.assign(cell=cell, label=label).pivot_table(index=["experiment", "label"], columns=["dataset", "metric"],
+                                                         values="cell", aggfunc="first", sort=False)
     clips = sub.groupby("dataset").clips.max()
-    out.columns = pd.MultiIndex.from_tuples([(f"{d} ({clips[d]} clips)", m) for d, m in out.columns])
+    out.columns = pd.MultiIndex.from_tuples([(f"{d} ({clips[d]} clips)", metric_header(m, delta=True))
+                                             for d, m in out.columns])
+    out.index.names = ["experiment", "treatment − reference"]
     return out
+
+
+def metric_header(metric: str, delta: bool = False) -> str:
+    """'psnr_inside' -> 'PSNR inside (dB) ↑'; with delta, 'ΔPSNR inside (dB) ↑' (↑: higher is better)."""
+    from lightning_m2s.comparison import arrow, base_metric, unit
+
+    base = base_metric(metric)
+    name = {"psnr": "PSNR", "lpips": "LPIPS", "ms_ssim": "MS-SSIM", "latency_s": "latency",
+            "temporal_error": "temporal error"}.get(base, base)
+    region = metric[len(base):].replace("_", " ")
+    units = unit(metric) or ("s" if base == "latency_s" else "")
+    return f"{'Δ' if delta else ''}{name}{region}{f' ({units})' if units else ''} {arrow(metric)}"
 
 
 def plot_differences(diffs: pd.DataFrame, ablation: str, metrics=("psnr", "lpips")):
@@ -243,22 +290,25 @@ def plot_differences(diffs: pd.DataFrame, ablation: str, metrics=("psnr", "lpips
     sub = diffs[(diffs.ablation == ablation) & diffs.metric.isin(metrics)]
     if sub.empty:
         return _empty(f"no paired differences logged for sweep-{ablation} yet")
+    sub = sub.assign(label=sub.arm + " − " + sub.against)  # treatment − reference
     datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
     labels = list(dict.fromkeys(sub.label))
+    palette = arm_colors(list(dict.fromkeys(list(ARMS.get(ablation, ())) + list(sub.arm))))
     fig = _figure(figsize=(4 * len(metrics), 0.5 * len(labels) * len(datasets) + 1.2))
     axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
     for r, d in enumerate(datasets):
         for c, m in enumerate(metrics):
             ax = axes[r, c]
             pts = sub[(sub.dataset == d) & (sub.metric == m)].set_index("label").reindex(labels)
-            y = np.arange(len(labels))
-            ax.errorbar(pts["mean"], y, xerr=[pts["mean"] - pts.lo, pts.hi - pts["mean"]], fmt="o", capsize=3)
+            for y, (label, pt) in enumerate(pts.iterrows()):
+                if pd.notna(pt["mean"]):
+                    ax.errorbar(pt["mean"], y, xerr=[[pt["mean"] - pt.lo], [pt.hi - pt["mean"]]], fmt="o", capsize=3,
+                                color=palette.get(pt.arm, "0.3"))
             ax.axvline(0, color="0.5", lw=0.8)
-            ax.set_yticks(y, labels, fontsize=8)
-            better = "higher is better" if m == "psnr" else "lower is better"
-            ax.set_title(f"{d}: Δ{m} ({better})", fontsize=9)
+            ax.set_yticks(np.arange(len(labels)), labels, fontsize=8)
+            ax.set_title(f"{d}: {metric_header(m, delta=True)}", fontsize=9)
     seeds = int(sub.seeds.max())
-    fig.suptitle(f"sweep-{ablation}: paired differences, 95% bootstrap interval over clips"
+    fig.suptitle(f"sweep-{ablation}: treatment − reference, paired, 95% bootstrap interval over clips"
                  f"{' and seeds' if seeds > 1 else ' (1 seed: training noise not covered)'}", fontsize=9)
     return fig
 
@@ -552,16 +602,31 @@ def split_by_steps(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.assign(arm=arms)
 
 
+def arm_colors(arms) -> dict[str, str]:
+    """comparison.colors for the notebook's arm names: an arm split by step count keeps its arm's colour."""
+    from lightning_m2s.comparison import colors
+
+    base = {a: a.split(STEPS_MARK)[0] for a in arms}
+    palette = colors(list(dict.fromkeys(base.values())))
+    return {a: palette.get(b, "0.5") for a, b in base.items()}
+
+
 def _bars(ax, runs: pd.DataFrame, arms: list[str], labels: list[str] | None = None) -> None:
-    """Bars of the mean over seeds, std as error bars, each seed as a dot; 'missing' where no run."""
+    """Per arm: the mean over seeds as a marker with the std as its error bar, each seed as a dot, in the arm's
+    colour; the axis fits the values (bars from 0 would flatten every difference); 'missing' where no run."""
+    palette = arm_colors(arms)
+    found = runs.value.to_numpy()
     for x, arm in enumerate(arms):
         vals = runs.loc[runs.arm == arm, "value"].to_numpy()
         if len(vals) == 0:
-            ax.text(x, 0, "missing", rotation=90, ha="center", va="bottom", fontsize=8, color="0.4")
+            y = np.nanmean(found) if len(found) else 0.5
+            ax.text(x, y, "missing", rotation=90, ha="center", va="center", fontsize=8, color="0.4")
             continue
-        ax.bar(x, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else None, color=f"C{x}", alpha=0.7,
-               capsize=3)
-        ax.plot(np.full(len(vals), x), vals, "k.", ms=4)
+        ax.errorbar(x, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else None, fmt="s", ms=8,
+                    color=palette[arm], capsize=4)
+        ax.plot(np.full(len(vals), x), vals, "k.", ms=3)
+    ax.set_xlim(-0.6, len(arms) - 0.4)
+    ax.margins(y=0.2)
     ax.set_xticks(range(len(arms)), labels or arms, rotation=30, ha="right", fontsize=8)
 
 
@@ -593,8 +658,9 @@ def plot_ablation(runs: pd.DataFrame, ablation: str, metrics=QUALITY + ("tempora
     for r, d in enumerate(datasets):
         for c, m in enumerate(metrics):
             _bars(axes[r, c], sub[(sub.dataset == d) & (sub.metric == m)], arms)
-            axes[r, c].set_title(f"{d}: {m}" + ("" if region == "full" else f" ({region})"), fontsize=9)
-    fig.suptitle(f"sweep-{ablation}: mean over seeds, std bars, one dot per seed")
+            axes[r, c].set_title(f"{d}: {metric_header(m)}" + ("" if region == "full" else f", {region} the mask"),
+                                 fontsize=9)
+    fig.suptitle(f"sweep-{ablation}: mean over seeds (std bars, one dot per seed); the axes fit the values, not 0")
     return fig
 
 
@@ -605,6 +671,7 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
     datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
     fig = _figure(figsize=(4 * (len(datasets) + 1), 3.2))
     axes = fig.subplots(1, len(datasets) + 1, squeeze=False)
+    palette = arm_colors(list(ARMS["inference_steps"]) + [f"{FLOOR_PREFIX}{f}" for f in FLOORS])
     for ax, d in zip(axes[0], datasets):
         regimes = (("standard", "sampled t (standard)"), ("end_to_end", "fixed t=T (Eq. 5)"))
         for k, (regime, label) in enumerate(regimes):
@@ -615,24 +682,24 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
                     pts.append((steps, vals.mean(), vals.std(ddof=1) if len(vals) > 1 else 0.0))
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{k}", label=label)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=palette[regime], label=label)
         for k, floor in enumerate(FLOORS):  # the grid's floors: no steps, a level line each
             vals = sub[(sub.dataset == d) & (sub.arm == f"{FLOOR_PREFIX}{floor}")].value
             if len(vals):
-                ax.axhline(vals.mean(), ls=":", color=f"C{k + 2}", label=f"{FLOOR_PREFIX}{floor}")
+                ax.axhline(vals.mean(), ls=":", color=palette[f"{FLOOR_PREFIX}{floor}"], label=f"{FLOOR_PREFIX}{floor}")
         ax.set_title(f"ours: {d}", fontsize=9)
     paper10 = paper[paper.table == "10"]
     ax = axes[0, -1]
-    for k, (row, label) in enumerate((("sampled t", "sampled t"), ("fixed t=T", "fixed t=T"))):
+    for regime, row in (("standard", "sampled t"), ("end_to_end", "fixed t=T")):
         for d, style, marker in (("stereo4d", "-", "o"), ("ego4d", "--", "s")):
             pts = paper10[(paper10.row == row) & (paper10.dataset == d)].sort_values("steps")
-            ax.plot(pts.steps, pts.value, style, marker=marker, color=f"C{k}", label=f"{label}, {d}")
+            ax.plot(pts.steps, pts.value, style, marker=marker, color=palette[regime], label=f"{row}, {d}")
     ax.set_title("paper (Table 10)", fontsize=9)
     for ax in axes[0]:
         ax.set_xscale("log")
         ax.set_xticks([1, 5, 25], ["1", "5", "25"])
         ax.set_xlabel("inference steps")
-        ax.set_ylabel("LPIPS (lower is better)")
+        ax.set_ylabel("LPIPS ↓ (lower is better)")
         ax.legend(fontsize=7)
     found = set(zip(sub.arm, sub.steps))
     missing = [f"{a} at {n} step{'s' if n > 1 else ''}" for a in ARMS["inference_steps"] for n in (1, 5, 25)
@@ -645,21 +712,28 @@ def plot_inference_steps(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
 
 
 def plot_latency(runs: pd.DataFrame, paper: pd.DataFrame | None = None):
-    """Table 9: seconds per 16-frame clip with and without full attention, ours and the paper's (A100)."""
+    """Table 9: seconds per 16-frame clip with and without full attention, ours (when the runtime grid has
+    finished runs) beside the paper's (A100)."""
     paper = paper_results.frame() if paper is None else paper
     arms = list(ARMS["runtime"])
+    palette = arm_colors(arms)
     sub = runs[(runs.ablation == "runtime") & (runs.metric == "latency_s")]
-    fig = _figure(figsize=(7, 3.2))
-    ours, theirs = fig.subplots(1, 2)
-    _bars(ours, sub, arms, ["without", "with"])
-    ours.set_title("ours (this machine)", fontsize=9)
+    fig = _figure(figsize=(7 if len(sub) else 3.8, 3.2))
+    axes = fig.subplots(1, 2 if len(sub) else 1, squeeze=False)[0]
+    if len(sub):
+        _bars(axes[0], sub, arms, ["without", "with"])
+        axes[0].set_title("ours (this machine)", fontsize=9)
+    theirs = axes[-1]
     paper9 = paper[paper.table == "9"].set_index("row").value
-    theirs.bar([0, 1], [paper9["without full attention"], paper9["with full attention"]], color=["C0", "C1"],
-               alpha=0.7)
+    for x, arm in enumerate(arms):
+        value = paper9["without full attention" if arm.startswith("without") else "with full attention"]
+        theirs.plot(x, value, "s", ms=8, color=palette[arm])
+    theirs.set_xlim(-0.6, 1.6)
+    theirs.margins(y=0.3)
     theirs.set_xticks([0, 1], ["without", "with"])
     theirs.set_title("paper (A100, 512x512, 16 frames)", fontsize=9)
-    for ax in (ours, theirs):
-        ax.set_ylabel("latency (s)")
+    for ax in axes:
+        ax.set_ylabel("latency (s) ↓")
         ax.set_xlabel("full attention at disoccluded pixels")
     return fig
 
@@ -672,19 +746,10 @@ def load_qualitative(tracking_uri: str | None, run_id: str, dataset: str) -> dic
     uri = tracking.resolve_uri(tracking_uri)
     if path not in {f.path for f in tracking.client(uri).list_artifacts(run_id, "qualitative")}:
         return None
-    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar per small file would flood the notebook
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
-                                                        tracking_uri=uri)
-            with np.load(local) as data:
-                return {k: data[k] for k in data.files}
-    finally:
-        if quiet is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+    with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp, tracking_uri=uri)
+        with np.load(local) as data:
+            return {k: data[k] for k in data.files}
 
 
 def plot_qualitative(runs: pd.DataFrame, ablation: str, tracking_uri: str | None = None, datasets=None):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from lightning_m2s import analysis, paper_results, tracking
+from lightning_m2s import analysis, comparison, paper_results, tracking
 
 DATASETS = ("synthetic", "real")
 _LEFT = "Cond. with V_r^warp + M_r^occ + V_l"
@@ -408,19 +408,27 @@ def _texts(fig: Figure) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts]
 
 
+def _means(ax) -> list[float]:
+    """The arms' mean markers of a plot_ablation / plot_latency axis."""
+    return [float(line.get_ydata()[0]) for line in ax.lines if line.get_marker() == "s"]
+
+
 def test_plot_ablation_bars_seeds_and_missing(runs):
     fig = analysis.plot_ablation(runs, "full_attention")
     assert isinstance(fig, Figure) and len(fig.axes) == 2 * 4  # datasets x (psnr, ms_ssim, lpips, temporal)
     ax = fig.axes[0]  # synthetic PSNR
-    heights = [p.get_height() for p in ax.patches]
-    assert heights == pytest.approx([22.7])  # one arm has runs: mean of 22.2 and 23.2
+    assert _means(ax) == pytest.approx([22.7])  # one arm has runs: mean of 22.2 and 23.2
+    assert ax.get_ylim()[0] > 20  # the axis fits the values: a PSNR axis from 0 flattens every difference
+    assert "(dB) ↑" in ax.get_title()
+    marker = next(line for line in ax.lines if line.get_marker() == "s")
+    assert marker.get_color() == comparison.colors(["with_full_attention", "without_full_attention"])["with_full_attention"]
     assert "missing" in [t.get_text() for t in ax.texts]  # without_full_attention
     assert len(ax.lines[-1].get_ydata()) == 2  # a dot per seed
     assert "no finished runs" in _texts(analysis.plot_ablation(runs.iloc[:0], "loss"))[0]
     fig = analysis.plot_ablation(runs, "loss", metrics=("psnr",))  # one model tested at 25 and 1 steps: two bars
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels[:2] == ["A_B_standard @ 1", "A_B_standard @ 25"]
-    assert [p.get_height() for p in fig.axes[0].patches][:2] == pytest.approx([20.5, 21.5])
+    assert _means(fig.axes[0])[:2] == pytest.approx([20.5, 21.5])
 
 
 def test_plot_inference_steps_and_latency(runs):
@@ -433,8 +441,10 @@ def test_plot_inference_steps_and_latency(runs):
     assert any(list(line.get_ydata()) == [0.179, 0.200, 0.243] for line in paper_ax.lines)
     fig = analysis.plot_latency(runs)
     ours_ax, paper_ax = fig.axes
-    assert [p.get_height() for p in ours_ax.patches] == pytest.approx([1.1, 1.25])
-    assert [p.get_height() for p in paper_ax.patches] == pytest.approx([2.0, 2.1])
+    assert _means(ours_ax) == pytest.approx([1.1, 1.25])
+    assert _means(paper_ax) == pytest.approx([2.0, 2.1])
+    paper_only = analysis.plot_latency(runs[runs.ablation != "runtime"])  # no runtime runs: the paper's panel only
+    assert len(paper_only.axes) == 1 and _means(paper_only.axes[0]) == pytest.approx([2.0, 2.1])
 
 
 def test_plot_qualitative_uses_the_artifacts(runs, store):
@@ -477,7 +487,10 @@ def test_floors_and_paired_differences_join_the_tables_and_plots(tmp_path):
     assert "floor: classical_fill" in labels
 
     diffs = analysis.load_differences(uri)
-    assert json.loads(diffs.to_json(orient="records"))[0]["mean"] == -0.4
+    # logged as reference - treatment (the grid's first arm was the reference): read as treatment - reference
+    row = json.loads(diffs.to_json(orient="records"))[0]
+    assert (row["arm"], row["against"], row["mean"], row["lo"], row["hi"]) == ("with_left", "without_left", 0.4, 0.2, 0.6)
     shown = analysis.differences_table(diffs, "left_cond")
-    assert shown.iloc[0, 0] == "-0.40 [-0.60, -0.20] *"
+    assert shown.iloc[0, 0] == "+0.40 [+0.20, +0.60] *"
+    assert shown.index[0] == ("tiny", "with_left − without_left") and shown.columns[0][1] == "ΔPSNR (dB) ↑"
     assert isinstance(analysis.plot_differences(diffs, "left_cond"), Figure)
