@@ -203,6 +203,22 @@ class Recipe:
         raise NotImplementedError
 
 
+class RecipeOnVAE(Recipe):
+    """A recipe that starts from the VAE recipe's result (the prior, the decoder)."""
+
+    def __init__(self, vae_dir: str | Path, settings: dict | None = None):
+        super().__init__(settings)
+        self.vae_dir = Path(vae_dir)
+
+    def recorded_settings(self) -> dict:
+        return {**self.s, "vae": str(self.vae_dir)}
+
+    def check_vae(self) -> None:
+        if not (self.vae_dir / "config.json").is_file():
+            raise ModelError(f"pretrain {self.name}: {self.vae_dir} is not a trained VAE (no config.json); "
+                             "run `m2s pretrain vae` first")
+
+
 class _StopRequest:
     """SIGTERM / SIGINT noted by a handler; the loop checkpoints after the step it is in and stops."""
 

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_m2s.errors import ModelError
 from lightning_m2s.models.embedding import PooledFrameEmbedding, added_time_ids
 from lightning_m2s.models.unet import build_tiny_unet
 from lightning_m2s.models.vae import FrozenVideoVAE
@@ -157,19 +156,11 @@ def heldout_report(prior: ImageToVideoPrior, clean: torch.Tensor, degraded: torc
     return {"heldout_loss": losses, "one_step": report, "hole_fraction": float(mask.float().mean())}
 
 
-class PriorRecipe(common.Recipe):
+class PriorRecipe(common.RecipeOnVAE):
     name, defaults, result = "prior", PRIOR_RECIPE, "unet"
 
-    def __init__(self, vae_dir: str | Path, settings: dict | None = None):
-        super().__init__(settings)
-        self.vae_dir = Path(vae_dir)
-
-    def recorded_settings(self) -> dict:
-        return {**self.s, "vae": str(self.vae_dir)}
-
     def setup(self, out: Path) -> None:
-        if not (self.vae_dir / "config.json").is_file():
-            raise ModelError(f"pretrain prior: {self.vae_dir} is not a trained VAE (no config.json); run `m2s pretrain vae` first")
+        self.check_vae()
         s = self.s
         vae = FrozenVideoVAE.from_pretrained(self.vae_dir, subfolder=None)
         c = vae.latent_channels

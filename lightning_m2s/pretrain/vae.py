@@ -199,25 +199,17 @@ DECODER_RECIPE = {
 }
 
 
-class DecoderRecipe(common.Recipe):
+class DecoderRecipe(common.RecipeOnVAE):
     """The decoder of a trained VAE, with LPIPS beside L1 + MSE, on its frozen encoder."""
 
     name, defaults, result = "decoder", DECODER_RECIPE, "vae"
-
-    def __init__(self, vae_dir: str | Path, settings: dict | None = None):
-        super().__init__(settings)
-        self.vae_dir = Path(vae_dir)
-
-    def recorded_settings(self) -> dict:
-        return {**self.s, "vae": str(self.vae_dir)}
 
     def setup(self, out: Path) -> None:
         from diffusers import AutoencoderKLTemporalDecoder
 
         from lightning_m2s.metrics import lpips_network
 
-        if not (self.vae_dir / "config.json").is_file():
-            raise ModelError(f"pretrain decoder: {self.vae_dir} is not a trained VAE (no config.json); run `m2s pretrain vae` first")
+        self.check_vae()
         s = self.s
         self.vae = AutoencoderKLTemporalDecoder.from_pretrained(self.vae_dir)
         off = {id(p) for a in mid_attentions(self.vae) for p in a.parameters()} if skip_unused_mid_attention(self.vae) else set()
