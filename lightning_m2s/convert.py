@@ -76,6 +76,7 @@ class ConvertOptions:
     overlap_frames: int = 4  # generated frames fed into the next chunk as known frames (App. E's m)
     blend_overlap: bool = True  # cross-fade the known frames from the last chunk's output to the new chunk's
     tile: int | None = None  # tile side in pixels (a multiple of the model's alignment); None = whole frame
+    # on a CPU, on a GPU what fits its free memory (memory_tile)
     tile_overlap: int | None = None  # tile overlap in pixels, blended in latent space (linear ramps); None = tile / 4
     fps: float | None = None  # output frame rate; None = the input's
     fps_id: float | None = None  # the model's fps conditioning; None = the input's fps (released inference)
@@ -188,6 +189,21 @@ def model_alignment(model) -> tuple[int, int]:
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
+
+
+# GPU memory one chunk of a conversion may take, per frame-pixel at 16 bits: the authors' own figure (24.8 GB
+# peak for 24 frames of 512^2 in fp16, img2vid-xt's width) as an upper bound; chunked decoding needs less.
+BYTES_PER_FRAME_PIXEL = 24.8e9 / (24 * 512 * 512)
+MEMORY_SHARE = 0.8  # of the free GPU memory, the rest for the allocator's fragmentation and other processes
+
+
+def memory_tile(free_bytes: int, chunk_frames: int, height: int, width: int, align: int, bytes_per_value: int = 2) -> int | None:
+    """The tile side that keeps one chunk within MEMORY_SHARE of `free_bytes` (None: the whole frame fits),
+    a multiple of `align`, never below MIN_SIDE. fp32 (`bytes_per_value` 4) takes twice fp16's memory."""
+    budget = MEMORY_SHARE * free_bytes / (BYTES_PER_FRAME_PIXEL * bytes_per_value / 2)  # frame-pixels
+    if chunk_frames * height * width <= budget:
+        return None
+    return max(MIN_SIDE, int((budget / chunk_frames) ** 0.5) // align * align)
 
 
 def tile_grid(model, H: int, W: int, tile: int | None, tile_overlap: int | None = None):
@@ -479,6 +495,10 @@ def convert(
     kernel = opts.close_kernel if opts.close_kernel is not None else default_close_kernel(H, W)
     align, _ = model_alignment(model)
     hp, wp = _round_up(H, align), _round_up(W, align)
+    tile = opts.tile
+    if tile is None and device.type == "cuda":  # the free memory is cheap to know there: tiles that fit it
+        bytes_per_value = 4 if model.autocast_dtype is None and next(model.parameters()).dtype == torch.float32 else 2
+        tile = memory_tile(torch.cuda.mem_get_info(device)[0], opts.chunk_frames, hp, wp, align, bytes_per_value)
     inter = Path(opts.save_intermediates) if opts.save_intermediates else None
     if inter is not None:
         inter.mkdir(parents=True, exist_ok=True)
@@ -559,11 +579,11 @@ def convert(
 
             latent = refine_latent(
                 model, _pad(left, hp, wp).to(device), _pad(warped, hp, wp).to(device), _pad(mask, hp, wp).to(device),
-                steps=steps, fps_id=fps_id, tile=opts.tile, tile_overlap=opts.tile_overlap, seed=opts.seed + index,
+                steps=steps, fps_id=fps_id, tile=tile, tile_overlap=opts.tile_overlap, seed=opts.seed + index,
                 times=times,
             )
             with times("decode"):
-                right = decode_latent(model, latent, opts.tile, opts.tile_overlap, opts.decode_chunk_size)
+                right = decode_latent(model, latent, tile, opts.tile_overlap, opts.decode_chunk_size)
                 right = right[:, :, :H, :W].float().cpu()
 
             # Output: the known frames cross-faded from the last chunk's prediction to this one's, then
@@ -591,7 +611,7 @@ def convert(
     convert_seconds = time.perf_counter() - convert_start
     model_seconds = sum(times.seconds[k] for k in MODEL_STAGES)
     boundaries = [(c.start, c.start + c.known) for c in schedule[1:]]  # the frames where chunks hand over
-    grid = tile_grid(model, hp, wp, opts.tile, opts.tile_overlap)
+    grid = tile_grid(model, hp, wp, tile, opts.tile_overlap)
     right_jump = boundary_jumps(np.concatenate(right_means), boundaries)
     left_jump = boundary_jumps(np.concatenate(left_means), boundaries)
     return {

@@ -407,3 +407,14 @@ def test_convert_warps_with_the_splat_the_model_was_trained_with(tmp_path, clip,
     assert not np.array_equal(released, nearest)
     with pytest.raises(ConfigError, match="splat 'bilinear'"):
         convert(clip.video, None, tmp_path / "x.mp4", depth=clip.npz, model=model, splat="bilinear", **QUICK)
+
+
+def test_the_default_tile_fits_the_free_gpu_memory():
+    from lightning_m2s.convert import BYTES_PER_FRAME_PIXEL, MEMORY_SHARE, memory_tile
+
+    need = 16 * 512 * 512 * BYTES_PER_FRAME_PIXEL / MEMORY_SHARE  # a 16-frame chunk of 512^2 in fp16
+    assert memory_tile(int(need * 1.01), 16, 512, 512, 64) is None  # the whole frame fits
+    tile = memory_tile(int(need / 4 * 1.01), 16, 512, 512, 64)  # a quarter of that: tiles of half the side
+    assert tile == 256 and tile % 64 == 0
+    assert memory_tile(int(need / 4 * 1.01), 16, 512, 512, 64, bytes_per_value=4) < tile  # fp32 takes twice the memory
+    assert memory_tile(1, 16, 512, 512, 64) == 16  # never below the smallest side
