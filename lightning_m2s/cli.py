@@ -1,4 +1,5 @@
-"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook, pretrain, import-release."""
+"""The `m2s` command: train, sweep, evaluate, convert, bench, dashboard, notebook, pretrain (the shipped weights'
+recipes: vae, decoder, prior, export), import-release."""
 
 from __future__ import annotations
 
@@ -7,6 +8,33 @@ import sys
 from pathlib import Path
 
 from lightning_m2s.errors import Interrupted, M2SError
+
+# Each grid of sweeps/: the paper's tables it reproduces, what it compares, and its wall time on the embedded
+# default (2 CPU cores). left_cond was measured (6 min 42 s on idle cores, 11 min on a loaded day); the others
+# are estimates from it, scaled by the arms they train and the step counts they test.
+SWEEP_INFO = {
+    "left_cond": ("4, 7", "left-view conditioning on vs off, end-to-end, 1 step", 7),
+    "left_cond_diffusion": ("4, 7", "left-view conditioning on vs off, standard diffusion, 25 steps", 10),
+    "full_attention": ("4, 7", "disocclusion full attention on vs off", 8),
+    "loss": ("5, 8", "standard diffusion (25 / 1 steps) vs latent-only vs end-to-end training", 11),
+    "baselines": ("6", "warp-only and classical fill vs M2SVid", 4),
+    "runtime": ("9", "latency with vs without full attention", 3),
+    "inference_steps": ("10", "1 / 5 / 25 inference steps for both training regimes", 12),
+    "hparams": ("", "TPE over the learning rate and the Eq. 5 loss weights (8 trials)", 28),
+}
+CKPT = "outputs/sweeps/left_cond-<id>/with_left-seed0/checkpoints/best.ckpt"  # where a sweep trial's checkpoints are
+
+
+def _example(*lines: str) -> str:
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _sweeps_epilog() -> str:
+    rows = [f"  {name:<20} {f'Table {t}: ' if t else ''}{what} (about {minutes} min)"
+            for name, (t, what, minutes) in SWEEP_INFO.items()]
+    return ("grids in sweeps/ (minutes on the embedded default, 2 CPU cores; left_cond measured, the others "
+            "estimated):\n" + "\n".join(rows) + "\n\n" + _example(
+                "m2s sweep left_cond            # then: m2s dashboard, m2s notebook"))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -31,7 +59,7 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     launched = args.workers is not None  # N worker processes on this machine run the trials; this one waits
     why = _local_workers(args) if launched else []  # for them (started first), then finishes the grid once
-    from lightning_m2s.sweep import format_table, run_sweep
+    from lightning_m2s.sweep import format_footer, format_table, run_sweep
 
     # submitit's (SLURM's) preemption / time-limit signal: stop the trial as SIGTERM does, with last.ckpt
     signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
@@ -42,6 +70,9 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     print(f"\nstudy {summary['study']} (objective {summary['objective']}, {summary['direction']}):")
     print(format_table(summary))
+    footer = format_footer(summary)
+    if footer:
+        print("\n" + footer)
     failed = summary["failed_now"]
     incomplete = not summary["complete"] and args.trials is None  # --trials asks for a part of the grid
     if failed or incomplete or why:
@@ -233,16 +264,20 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2s", description=__doc__)
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+    parser = argparse.ArgumentParser(prog="m2s", description=__doc__, formatter_class=raw, epilog=_example(
+        "m2s sweep left_cond && m2s dashboard     # a grid, then its answer in the MLflow UI"))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train and test one experiment")
+    p = sub.add_parser("train", help="train and test one experiment", formatter_class=raw,
+                       epilog=_example("m2s train tiny trainer.max_steps=10"))
     p.add_argument("experiment", nargs="?", default="tiny", help="a name in experiments/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sweep", help="run (or resume) an ablation grid from sweeps/")
-    p.add_argument("ablation", help="a name in sweeps/ (left_cond, full_attention, loss, ...) or a YAML path")
+    p = sub.add_parser("sweep", help="run (or resume) an ablation grid from sweeps/", formatter_class=raw,
+                       epilog=_sweeps_epilog())
+    p.add_argument("ablation", help="a name in sweeps/ (listed below) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides applied to every trial")
     p.add_argument("--experiment", help="the experiment every trial starts from (default: the sweep's, tiny)")
     p.add_argument("--trials", type=int, help="run at most this many trials now")
@@ -264,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained checkpoint on test sources (metrics, floors, per-clip rows)",
                        description="The test stage of a sweep trial for one checkpoint: the experiment's metrics on "
                        "its test clips (or --sources), the floors (warp-only, classical fill) on the same clips, "
-                       "per-clip rows, all logged to MLflow as a run of its own.")
+                       "per-clip rows, all logged to MLflow as a run of its own.", formatter_class=raw,
+                       epilog=_example(f"m2s evaluate {CKPT}",
+                                       f"m2s evaluate {CKPT} --sources real,folder=my_clips"))
     p.add_argument("checkpoint", help="a lightning_m2s training checkpoint (.ckpt), or a model directory (m2s import-release)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.eval_size=128 module.eval.steps=[1,5]")
     p.add_argument("--experiment", default="tiny", help="the experiment whose test data and metrics are used (default tiny)")
@@ -274,13 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-floors", action="store_true", help="skip the warp-only and classical-fill floors")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("dashboard", help="serve the MLflow UI over the tracking store")
+    p = sub.add_parser("dashboard", help="serve the MLflow UI over the tracking store", formatter_class=raw,
+                       description="Serves the MLflow UI on 127.0.0.1 and prints first the latest sweep's arms and "
+                       "floors side by side (open that link), then its summary figure; Ctrl-C stops it.",
+                       epilog=_example("m2s dashboard --port 5001"))
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_dashboard)
 
-    p = sub.add_parser("notebook", help="execute notebooks/tables_4_10.ipynb headless and write its HTML report")
+    p = sub.add_parser("notebook", help="execute notebooks/tables_4_10.ipynb headless and write its HTML report",
+                       formatter_class=raw, epilog=_example("m2s notebook --out report.html"))
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
     p.add_argument("--out", type=Path, help="HTML report (default notebooks/tables_4_10.html)")
     p.set_defaults(func=_notebook)
@@ -289,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a monocular video to stereo (sbs, half-sbs, top-bottom, anaglyph, right)",
         description="Monocular video -> stereo video: depth -> disparity -> forward splat -> mask closing -> "
         "refinement by a trained checkpoint -> export. Output layouts: sbs (full side-by-side, 2W), half-sbs "
-        "(W), top-bottom (2H), half-top-bottom (H), anaglyph (red-cyan, Dubois), right (the right view only).",
+        "(W), top-bottom (2H), half-top-bottom (H), anaglyph (red-cyan, Dubois), right (the right view only). "
+        "After a sweep, convert with an arm's best.ckpt (the sweep's table says which).", formatter_class=raw,
+        epilog=_example(f"m2s convert video.mp4 --checkpoint {CKPT} --depth depth.npz --out stereo.mp4",
+                        "m2s convert video.mp4 --model /models/m2svid --depth-model /models/depth-anything-v2 "
+                        "--out stereo.mp4"),
     )
     p.add_argument("input", help="the input video (the left view); only read")
     g = p.add_mutually_exclusive_group(required=True)
@@ -329,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("pretrain", help="the recipes of the shipped tiny SVD: vae, prior, export (make weights)")
+    p = sub.add_parser("pretrain", help="the recipes of the shipped tiny SVD: vae, decoder, prior, export (make weights)",
+                       formatter_class=raw, epilog=_example("m2s pretrain vae steps=100 --out /tmp/vae   # a short run"))
     p.add_argument("recipe", choices=["vae", "decoder", "prior", "export"])
     p.add_argument("settings", nargs="*", help="recipe settings as key=value, e.g. steps=100")
     p.add_argument("--out", type=Path, help="output folder (default outputs/pretrain/<recipe>); a rerun resumes it")
@@ -345,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads the authors' released weight file (m2svid_weights.pt or "
                        "m2svid_no_full_atten_weights.pt; never runs code from it), maps its UNet to diffusers' "
                        "UNetSpatioTemporalConditionModel and writes a model directory that loads like any other: "
-                       "model.pretrained=DIR, m2s evaluate DIR, m2s convert --model DIR.")
+                       "model.pretrained=DIR, m2s evaluate DIR, m2s convert --model DIR.", formatter_class=raw,
+                       epilog=_example("m2s import-release m2svid_weights.pt --svd /models/img2vid-xt --out /models/m2svid"))
     p.add_argument("weights", help="the released .pt file (a DeepSpeed model-states dict)")
     p.add_argument("--out", required=True, help="the model directory to write (must not exist or be empty)")
     p.add_argument("--svd", help="a local stable-video-diffusion-img2vid-xt directory: its VAE, image encoder and "
@@ -362,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy", action="store_true", help="copy img2vid-xt's parts instead of linking them")
     p.set_defaults(func=_import_release)
 
-    p = sub.add_parser("bench", help="run benchmarks and print their figures")
+    p = sub.add_parser("bench", help="run benchmarks and print their figures", formatter_class=raw,
+                       epilog=_example("m2s bench splat --quick"))
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
     p.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (printed, never written to benchmarks/)")

@@ -659,7 +659,7 @@ def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_res
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "arm": t.params.get("arm", f"trial{t.number}"), "seed": t.params.get("seed"),
                "state": t.state.name, "value": t.value, "metrics": t.user_attrs.get("metrics", {}),
-               "run_id": t.user_attrs.get("run_id")}
+               "run_id": t.user_attrs.get("run_id"), "output_dir": t.user_attrs.get("output_dir")}
         rows.append(row)
         if row["state"] == "COMPLETE" and spec.sampler == "grid" and client is not None:
             per_clip = _per_clip(t, client)
@@ -677,6 +677,26 @@ def summarize(study, spec: SweepSpec, parent_run_id: str, client=None, floor_res
                 "differences": comparison.differences(ordered, floor_rows, reference) if ordered else [],
                 "reference": reference,
             }}
+
+
+def format_footer(summary: dict[str, Any]) -> str:
+    """Under the table: each finished arm's checkpoint to use from here (best.ckpt, the lowest val/loss of
+    its run; last.ckpt is the end of training, what a resume reads), with the commands that take it."""
+    done = [r for r in summary["trials"] if r["state"] == "COMPLETE" and r.get("output_dir")]
+    ckpts = {}
+    for r in sorted(done, key=lambda r: (r["seed"] is None, r["seed"])):
+        best = Path(r["output_dir"]) / "checkpoints" / "best.ckpt"
+        if best.is_file():
+            ckpts.setdefault(r["arm"], best)  # the lowest seed's
+    if not ckpts:
+        return ""
+    width = max(len(a) for a in ckpts)
+    lines = ["checkpoint of each arm (best.ckpt: lowest val/loss; convert or evaluate it):"]
+    lines += [f"  {arm:<{width}}  {path}" for arm, path in ckpts.items()]
+    first = next(iter(ckpts.values()))
+    lines += [f"  m2s evaluate {first} --sources real",
+              f"  m2s convert VIDEO.mp4 --checkpoint {first} --depth DEPTH.npz --out stereo.mp4"]
+    return "\n".join(lines)
 
 
 def format_table(summary: dict[str, Any]) -> str:
