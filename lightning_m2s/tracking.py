@@ -16,6 +16,7 @@ from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
 from lightning_m2s.errors import ConfigError, M2SError
 
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
+LOCK_WAIT_S = 600.0  # how long a run waits for a locked local store before it stops
 SERVER_TIMEOUT_S = 10.0  # how long a tracking server may take to answer the check before any work
 RACE_SETTLE_S = 1.0  # how long a racing create_run may take to land (a tracking server under load)
 # MLflow 3 opens an experiment without this tag as a GenAI one (a traces page); ours are model training
@@ -69,6 +70,21 @@ def store_failure(err: BaseException, uri: str) -> TrackingError | None:
     reason = (str(getattr(root, "orig", None) or root).strip().splitlines() or [type(root).__name__])[0][:200]
     return TrackingError(f"the tracking store {uri} failed: {reason}; the run stays RUNNING there until it can be "
                          "written again (run the same command then to resume into it)")
+
+
+def wait_out_lock(call, wait_s: float = LOCK_WAIT_S):
+    """`call()`, tried again while the store answers "database is locked" (a sqlite lock that another process
+    holds longer than MLflow's 20 s busy timeout), for up to `wait_s` seconds."""
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except MlflowException as err:
+            if "database is locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            logging.getLogger(__name__).warning("the tracking store is locked by another process: waiting")
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -55,6 +55,18 @@ def build_module(cfg: DictConfig):
     )
 
 
+class PatientMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger that waits out a locked local store: MLflow gives a sqlite lock 20 s (its busy timeout),
+    and another process's long write (a dashboard, a sweep worker, a sqlite shell) can hold it longer;
+    the training run then waits instead of stopping."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        tracking.wait_out_lock(lambda: super(PatientMLFlowLogger, self).log_metrics(metrics, step))
+
+    def log_hyperparams(self, params) -> None:
+        tracking.wait_out_lock(lambda: super(PatientMLFlowLogger, self).log_hyperparams(params))
+
+
 def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
     """The MLflow logger; the run id is remembered in the output folder so a restart resumes its run."""
     uri = tracking.resolve_uri(cfg.tracking.uri)
@@ -80,8 +92,8 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
     client.set_tag(run_id, "m2s.variant", cfg.module.variant)
     for key, value in tracking.metric_tags(cfg).items():
         client.set_tag(run_id, key, value)
-    return MLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id,
-                        log_model=False)
+    return PatientMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id,
+                               log_model=False)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

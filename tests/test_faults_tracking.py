@@ -76,3 +76,34 @@ def test_a_local_store_that_becomes_read_only_mid_run_is_one_line_naming_it(tmp_
     assert f"the tracking store sqlite:///{store / 'mlflow.db'} failed" in last, last
     saved = tmp_path / "out" / "checkpoints" / "last.ckpt"
     assert f"last checkpoint {saved}" in last and torch.load(saved, weights_only=True)["global_step"] >= 1  # what trained is kept
+
+
+@pytest.mark.slow
+def test_a_run_waits_out_a_sqlite_lock_held_longer_than_mlflows_busy_timeout(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(M2S + ["train", "debug", "trainer.max_steps=12", "data.train_batches=1000",
+                                       f"tracking.uri=sqlite:///{db}", f"meta.output_dir={tmp_path / 'out'}"],
+                                env={**ENV, "M2S_ROOT": str(tmp_path)}, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        client = mlflow.MlflowClient(f"sqlite:///{db}")
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "out" / "mlflow_run_id").exists() or not client.get_metric_history(
+                (tmp_path / "out" / "mlflow_run_id").read_text(), "train/loss"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        holder = sqlite3.connect(db, isolation_level=None, timeout=60)
+        holder.execute("BEGIN EXCLUSIVE")  # another process's long write: 30 s, past MLflow's 20 s
+        time.sleep(30)
+        holder.execute("COMMIT")
+        holder.close()
+        assert proc.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "the tracking store is locked by another process: waiting" in log.read_text()
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "train/loss")) == 12
