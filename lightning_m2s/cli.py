@@ -54,10 +54,14 @@ def _sweep(args: argparse.Namespace) -> None:
     # the project's own progress lines (resuming from a checkpoint, waiting for other workers, ...)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("lightning_m2s").setLevel(logging.INFO)
+    launched = args.workers is not None  # N worker processes on this machine run the trials; this one waits
+    if launched or args.launcher == "slurm":  # a typo fails here once, not in every worker or job
+        from lightning_m2s.sweep import check_sweep_file
+
+        check_sweep_file(args.ablation, args.experiment, args.overrides, args.tracking_uri)
     if args.launcher == "slurm":
         _submit_slurm(args)
         return
-    launched = args.workers is not None  # N worker processes on this machine run the trials; this one waits
     why = _local_workers(args) if launched else []  # for them (started first), then finishes the grid once
     from lightning_m2s.sweep import format_footer, format_table, run_sweep
 

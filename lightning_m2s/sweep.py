@@ -330,6 +330,14 @@ def check_sweep(spec: SweepSpec, experiment: str, user_overrides: list[str]):
     return cfg
 
 
+def check_sweep_file(name: str | Path, experiment: str | None = None, overrides: list[str] | None = None,
+                     tracking_uri: str | None = None) -> None:
+    """What run_sweep checks before any trial, for a launcher to check before it starts workers or jobs."""
+    spec = load_sweep(name)
+    tracking.check_server(tracking.resolve_uri(tracking_uri))
+    check_sweep(spec, experiment or spec.experiment, _sweep_overrides(spec, overrides))
+
+
 def _search_space_bounds(spec: SweepSpec) -> list[dict[str, Any]]:
     """The corners a search space can reach: every key at its low, then at its high (or first / last choice)."""
     low, high = {}, {}

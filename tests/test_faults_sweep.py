@@ -129,3 +129,12 @@ def test_workers_that_race_to_create_the_parent_run_elect_one_however_late_their
     assert all(p.returncode == 0 for p in procs)
     runs = [r for r in all_runs(uri) if r.data.tags.get("m2s.kind") == "sweep"]
     assert len(elected) == 1 and [r.info.run_id for r in runs] == list(elected)
+
+
+def test_a_launcher_refuses_a_typo_before_it_starts_any_worker(tmp_path):
+    path = write(tmp_path, "bad_workers", {"arms": {"a": {"model.left_conditoin": False}}, "objective": OBJECTIVE})
+    proc = subprocess.run(M2S + ["sweep", str(path), "--workers", "2"], env={**ENV, "M2S_ROOT": str(tmp_path)},
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model.left_conditoin" in proc.stderr.strip().splitlines()[-1]
+    assert "worker(s), logs in" not in proc.stdout and not (tmp_path / "outputs").exists()  # no worker started
