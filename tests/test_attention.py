@@ -10,7 +10,7 @@ from lightning_m2s.models.attention import (
     DisocclusionAttention, DisocclusionAttnProcessor, disocclusion_attention, install_attention_processors,
     layer_grid, token_mask_for_grid,
 )
-from lightning_m2s.models.unet import build_tiny_unet, widen_conv_in
+from lightning_m2s.models.unet import TINY_UNET_CONFIG, build_tiny_unet, widen_conv_in
 
 
 def dense_reference(q, k, v, m, T, clip_kv=None):
@@ -107,6 +107,9 @@ def test_training_cap_limits_tokens_per_clip():
     assert ctrl.token_mask(16) is tok  # cached: checkpoint recomputation sees the same subset
 
 
+IN_CHANNELS = 3 * TINY_UNET_CONFIG["out_channels"] + 1  # the tiny UNet widened for the left view
+
+
 def tiny_unet(full_attention=True):
     unet = widen_conv_in(build_tiny_unet(seed=0), True)
     ctrl = install_attention_processors(unet, full_attention=full_attention)
@@ -128,7 +131,7 @@ def test_installed_only_on_spatial_self_attention():
 
 def test_unet_output_changes_only_with_a_mask():
     torch.manual_seed(0)
-    x, ctx = torch.randn(1, 3, 13, 8, 8), torch.randn(1, 3, 64)
+    x, ctx = torch.randn(1, 3, IN_CHANNELS, 8, 8), torch.randn(1, 3, 64)
     unet, ctrl = tiny_unet()
     stock, _ = tiny_unet(full_attention=False)
     with torch.no_grad():
@@ -153,7 +156,7 @@ def test_stock_processor_equivalence_single_layer():
 
 def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(0)
-    x, ctx = torch.randn(1, 3, 13, 8, 8), torch.randn(1, 3, 64)
+    x, ctx = torch.randn(1, 3, IN_CHANNELS, 8, 8), torch.randn(1, 3, 64)
     mask = torch.zeros(1, 3, 8, 8)
     mask[:, :, :, 3:6] = 1
     grads = []
