@@ -36,9 +36,9 @@ test-slow: $(STAMP) ## run the slow tests too
 sweep: $(STAMP) ## run an ablation grid: make sweep ABLATION=left_cond [EXP=tiny] [TRIALS=n] [ARGS='key=value ...']
 	$(BIN)/m2s sweep $(ABLATION) $(ARGS) $(if $(EXP),--experiment $(EXP)) $(if $(TRIALS),--trials $(TRIALS))
 
-dashboard: $(STAMP) ## serve the MLflow UI over the local tracking store (and print the latest sweep's compare link)
+dashboard: $(STAMP) ## serve the MLflow UI; its first link is the latest sweep's answer [ARGS='--port 5001']
 	@# Ctrl-C (130) and SIGTERM (143) are how a dashboard is stopped: not an error of make's
-	$(BIN)/m2s dashboard; code=$$?; [ $$code -eq 0 -o $$code -eq 130 -o $$code -eq 143 ] || exit $$code
+	$(BIN)/m2s dashboard $(ARGS); code=$$?; [ $$code -eq 0 -o $$code -eq 130 -o $$code -eq 143 ] || exit $$code
 
 optuna-dashboard: $(STAMP) ## serve optuna-dashboard over the study storage: [STORAGE=postgresql+psycopg://...] [OPTUNA_PORT=8080]
 	$(BIN)/optuna-dashboard '$(STORAGE)' --host 127.0.0.1 --port $(OPTUNA_PORT)

@@ -470,6 +470,53 @@ class TableResult:
         return shown
 
 
+    def html(self) -> str:
+        """The table for the notebook: one block per region (so that ours and the paper's fit 1400 px side by
+        side), group headers spanning their columns, every row labelled, the paper's notation typeset, and
+        the metric settings of rows measured otherwise than the paper as footnotes."""
+        shown = self.display()
+        notes = {}
+        blocks = []
+        for col in [c for c in shown.columns if c[1] == OTHER_SETTINGS]:
+            marks = []
+            for text in shown[col]:
+                if text and text not in notes:
+                    notes[text] = "*" * (len(notes) + 1)
+                marks.append(notes.get(text, ""))
+            shown[col] = marks
+        regions = [r for r in self.spec.regions if any(c[2] == r for c in shown.columns)]
+        for region in regions:
+            cols = [c for c in shown.columns if c[2] in (region, "")]
+            part = shown[cols].copy()
+            part.columns = pd.MultiIndex.from_tuples([(c[0], c[1], metric_header(c[3]) if c[3] else "") for c in cols],
+                                                     names=["source", "dataset", "metric"])
+            part.index = pd.MultiIndex.from_tuples([(typeset(r), st, src) for r, st, src in part.index],
+                                                   names=part.index.names)
+            caption = "" if len(regions) == 1 else {"full": "Full frame", "inside": "Inside the disocclusion mask",
+                                                    "outside": "Outside the disocclusion mask"}[region]
+            styler = part.style.set_table_styles(TABLE_STYLE).set_caption(caption)
+            blocks.append(styler.to_html(sparse_index=False, sparse_columns=True))
+        footer = "".join(f"<br>{mark} measured with {text} (the paper: LPIPS {paper_results.METRIC_SETTINGS['lpips_net']}, "
+                         f"MS-SSIM {paper_results.METRIC_SETTINGS['ms_ssim']}, {paper_results.METRIC_SETTINGS['eval_size']} px)"
+                         for text, mark in notes.items())
+        return "".join(blocks) + (f"<p style='font-size: 0.85em'>{footer[4:]}</p>" if footer else "")
+
+
+TABLE_STYLE = [  # group headers centred over the columns they span, a rule under each group, compact cells
+    {"selector": "th.col_heading", "props": "text-align: center; border-bottom: 1px solid #aaa; padding: 2px 6px"},
+    {"selector": "th.row_heading", "props": "text-align: left; font-weight: normal; padding: 2px 6px"},
+    {"selector": "td", "props": "text-align: right; padding: 2px 6px; white-space: nowrap"},
+    {"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: bold"},
+    {"selector": "", "props": "font-size: 0.85em; margin-bottom: 1em"},
+]
+
+
+def typeset(label: str) -> str:
+    """The paper's notation as HTML: 'V_r^warp' -> V<sub>r</sub><sup>warp</sup>, 'L_latent' -> L<sub>latent</sub>."""
+    label = re.sub(r"([A-Z])_(\w)\^(\w+)", r"\1<sub>\2</sub><sup>\3</sup>", label)
+    return re.sub(r"\b([A-Z])_([A-Za-z0-9]+)", r"\1<sub>\2</sub>", label)
+
+
 def _fmt(value: float, spread: float | None, digits: int) -> str:
     if pd.isna(value):
         return "—"
@@ -814,7 +861,122 @@ def run_notebook(tracking_uri: str | None, out_html: Path | None = None, noteboo
                                        progress_bar=False)
         except papermill.PapermillExecutionError as err:
             raise M2SError(f"{notebook}: cell {err.exec_count} failed: {err.ename}: {err.evalue}") from err
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+        # a report: the outputs only (the code is in the notebook), so the answers are what a reader sees first
+        exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+        body, _ = exporter.from_notebook_node(nbformat.read(executed, as_version=4))
     out_html.parent.mkdir(parents=True, exist_ok=True)
     out_html.write_text(body, encoding="utf-8")
     return out_html
+
+
+# ---------------------------------------------------------------- the answers, in words
+
+
+def has_runs(runs: pd.DataFrame, ablation: str) -> bool:
+    """Whether the grid has finished trial runs (its floors alone are not a run of it)."""
+    return bool(((runs.ablation == ablation) & ~runs.arm.str.startswith(FLOOR_PREFIX)).any())
+
+
+def not_run_line(ablation: str) -> str:
+    """One line for a grid with no finished runs: what it is for and how to run it."""
+    from lightning_m2s.cli import SWEEP_INFO
+
+    tables, _, minutes = SWEEP_INFO.get(ablation, ("", "", None))
+    where = f" (Table {tables})" if tables else ""
+    took = f", about {minutes} min on the embedded default" if minutes else ""
+    return f"`{ablation}`{where} has no finished runs: `make sweep ABLATION={ablation}`{took}."
+
+
+def _verdict(d, higher_is_better: bool) -> str:
+    if d.lo > 0 or d.hi < 0:
+        return "better" if (d.lo > 0) == higher_is_better else "worse"
+    return "no clear difference"
+
+
+def _diff_text(d, unit: str) -> str:
+    return f"{d['mean']:+.2f}{unit} [{d.lo:+.2f}, {d.hi:+.2f}]"
+
+
+def answer(runs: pd.DataFrame, diffs: pd.DataFrame, ablation: str, metric: str = "psnr") -> str | None:
+    """The grid's answer in words, from its logged paired differences (treatment − reference, 95% interval):
+    which arm is better on each test set and by how much, then how every arm stands against the classical
+    fill floor. None when the grid has no finished runs."""
+    from lightning_m2s.comparison import FLOOR_REFERENCE, HIGHER_IS_BETTER, unit
+
+    if not has_runs(runs, ablation):
+        return None
+    sub = diffs[(diffs.ablation == ablation) & (diffs.metric == metric)]
+    mine = runs[(runs.ablation == ablation) & ~runs.arm.str.startswith(FLOOR_PREFIX)]
+    seeds = int(mine.groupby("arm").seed.nunique().max())
+    head = f"**{ablation}** ({', '.join(sorted(mine.experiment.dropna().unique()))}, {seeds} seed{'s' * (seeds > 1)}"
+    if sub.empty:
+        return head + "): no paired differences logged yet (the sweep's table prints them when the grid finishes)."
+    higher, u = HIGHER_IS_BETTER[metric], f" {unit(metric)}" if unit(metric) else ""
+    name = metric_header(metric).rsplit(" ", 1)[0]
+    datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
+    sentences = []
+    for (arm, against), pair in sub[sub.against != FLOOR_REFERENCE].groupby(["arm", "against"], sort=False):
+        parts = []
+        for d in datasets:
+            row = pair[pair.dataset == d]
+            if len(row):
+                r = row.iloc[0]
+                verdict = _verdict(r, higher)
+                text = (f"{arm} is {verdict} than {against} by {_diff_text(r, u)}" if verdict != "no clear difference"
+                        else f"no clear difference between {arm} and {against} ({_diff_text(r, u)})")
+                parts.append(f"on {d}, {text}")
+        sentences.append("; ".join(parts) + ".")
+    floor = sub[sub.against == FLOOR_REFERENCE]
+    for d in datasets:
+        rows = floor[floor.dataset == d]
+        if rows.empty:
+            continue
+        verdicts = {r.arm: _verdict(r, higher) for r in rows.itertuples()}
+        plural = {"better": "beat", "worse": "lose to", "no clear difference": "do not differ clearly from"}
+        single = {"better": "beats", "worse": "loses to", "no clear difference": "does not differ clearly from"}
+        numbers = ", ".join(f"{r.arm} {_diff_text(r, u)}" for _, r in rows.iterrows())
+        if len(set(verdicts.values())) == 1:
+            verdict = next(iter(verdicts.values()))
+            who = {1: f"{next(iter(verdicts))} {single[verdict]}", 2: f"both arms {plural[verdict]}"}.get(
+                len(verdicts), f"all arms {plural[verdict]}")
+            sentences.append(f"On {d}, {who} the classical fill floor ({numbers}).")
+        else:
+            each = "; ".join(f"{a} {single[v]} it" for a, v in verdicts.items())
+            sentences.append(f"On {d}, against the classical fill floor: {each} ({numbers}).")
+    clips = int(sub.clips.max())
+    return (f"{head}; {name}, treatment − reference, paired over the same {clips} test clips per set, 95% bootstrap "
+            f"interval): " + " ".join(sentences))
+
+
+def answers(runs: pd.DataFrame, diffs: pd.DataFrame, ablations=ABLATIONS) -> str:
+    """Markdown for the top of the report: each finished grid's answer in one paragraph, then one line per grid
+    not run yet (how to run it)."""
+    done = [a for a in ablations if has_runs(runs, a)]
+    lines = [answer(runs, diffs, a) for a in done if a in ARMS]
+    lines += [f"**{a}**: finished runs in the tables below (a search, no paired answer)." for a in done if a not in ARMS]
+    todo = [not_run_line(a) for a in ablations if a not in done]
+    text = "\n\n".join(lines) if lines else "No grid has finished runs in this store yet."
+    return text + ("\n\n**Not run yet** (their sections below show the paper's numbers only):\n\n- " + "\n- ".join(todo)
+                   if todo else "")
+
+
+def show_grid(runs: pd.DataFrame, diffs: pd.DataFrame, ablation: str, tracking_uri: str | None = None,
+              parts=("bars", "qualitative", "differences"), region: str = "full") -> None:
+    """Display a grid's figures and paired differences in the notebook, or the one line that says how to run
+    the grid when it has no finished runs."""
+    from IPython.display import HTML, Markdown, display
+
+    if not has_runs(runs, ablation):
+        display(Markdown(not_run_line(ablation)))
+        return
+    if "bars" in parts:
+        display(plot_ablation(runs, ablation, region=region))
+    if "qualitative" in parts:
+        display(plot_qualitative(runs, ablation, tracking_uri))
+    if "differences" in parts:
+        table = differences_table(diffs, ablation)
+        if len(table):
+            display(Markdown(f"Paired differences of `{ablation}` (treatment − reference; the same numbers as its "
+                             "sweep printed; `*`: the interval excludes 0):"))
+            display(HTML(table.style.set_table_styles(TABLE_STYLE).to_html(sparse_index=False)))
+            display(plot_differences(diffs, ablation))

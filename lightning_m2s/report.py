@@ -18,6 +18,7 @@ from lightning_m2s.stats import paired_difference, per_clip_matrix
 
 FIGURE_METRICS = ("psnr", "lpips")
 BETTER = {"psnr": "higher is better", "lpips": "lower is better"}
+ARMS_TAG = "m2s.arms"  # on the parent run: the grid's arms in its sweep file's order
 
 
 def log_summary(client, run_id: str, summary: dict, tracking_uri: str | None = None) -> None:
@@ -26,7 +27,24 @@ def log_summary(client, run_id: str, summary: dict, tracking_uri: str | None = N
     if c["differences"]:
         client.log_table(run_id, comparison.difference_table(c["differences"]), "comparison/differences.json")
     client.log_figure(run_id, summary_figure(summary, qualitative(summary, tracking_uri)), "comparison/summary.png")
+    arms = list(dict.fromkeys([*summary["per_clip"]["arms"], *(r["arm"] for r in summary["trials"])]))
+    client.set_tag(run_id, ARMS_TAG, ",".join(arms))  # the grid's order: the colours follow its reference arm
     log_answer_runs(client, run_id)
+
+
+def arm_order(tags: dict, found: list[str]) -> list[str]:
+    """A grid's arms in its sweep file's order (the parent's m2s.arms tag; for a sweep logged before that tag,
+    its sweeps/ file when there still is one), then any other arm found."""
+    listed = [a for a in tags.get(ARMS_TAG, "").split(",") if a]
+    if not listed and tags.get("m2s.ablation"):
+        from lightning_m2s.errors import ConfigError
+        from lightning_m2s.sweep import load_sweep
+
+        try:
+            listed = list(load_sweep(tags["m2s.ablation"]).arms)
+        except ConfigError:  # a sweep file since renamed or a YAML path elsewhere: the order found
+            pass
+    return list(dict.fromkeys([a for a in listed if a in found] + [a for a in found if a]))
 
 
 def log_answer_runs(client, parent_id: str) -> dict[str, list]:
@@ -44,7 +62,7 @@ def log_answer_runs(client, parent_id: str) -> dict[str, list]:
         key = (run.data.tags.get("m2s.arm"), run.data.tags.get("m2s.seed"))
         if run.data.tags.get("m2s.kind") == "trial" and run.info.status == "FINISHED" and key not in newest:
             newest[key] = run
-    arm_names = list(dict.fromkeys(a for a, _ in sorted(newest, key=lambda k: str(k[1]))))
+    arm_names = arm_order(tags, [a for a, _ in newest])
     palette = comparison.colors(arm_names)
     order = [a for a in palette if a in arm_names]  # the reference first, as the colours are given
     arms = sorted(newest.values(), key=lambda r: (order.index(r.data.tags["m2s.arm"]), str(r.data.tags.get("m2s.seed"))))

@@ -1,0 +1,150 @@
+"""`m2s dashboard`: the first link it prints is the latest sweep's answer in MLflow's model-training UI (its
+arms and floors side by side; a real sweep, a real MLflow server, a real headless Chromium), and a dashboard
+stopped by Ctrl-C or SIGTERM is no error of make's."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+import yaml
+
+from lightning_m2s import comparison, tracking
+from lightning_m2s.dashboard import answer_links, free_port
+from lightning_m2s.sweep import run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+# Two training-free arms: a grid with floors, a parent run, its table and figure in seconds.
+GRID = {"study": "dash_grid", "experiment": "debug", "sampler": "grid",
+        "arms": {"holes": {"module.variant": "warp_only"}, "fill": {"module.variant": "classical_fill"}},
+        "seeds": [0], "objective": {"metric": "test/synthetic/psnr", "direction": "maximize"},
+        "overrides": {"data.val_clips": 1, "trainer.enable_progress_bar": False}}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The grid run once: (tracking URI, store folder)."""
+    root = tmp_path_factory.mktemp("dash")
+    path = root / "dash_grid.yaml"
+    path.write_text(yaml.safe_dump(GRID, sort_keys=False))  # the arms in their order: holes is the reference
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summary = run_sweep(path, storage=f"sqlite:///{root / 'optuna.db'}", tracking_uri=uri, output_root=root)
+    assert {t["state"] for t in summary["trials"]} == {"COMPLETE"}
+    return uri, root
+
+
+def _runs(uri):
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name("sweep-dash_grid")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floor(swept):
+    uri, _ = swept
+    client, runs = _runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("m2s.kind") == "sweep"]
+    floors = {r.info.run_name: r for r in runs if r.data.tags.get("m2s.kind") == "floor"}
+    assert set(floors) == {"floor: warp_only", "floor: classical_fill"}
+    palette = comparison.colors(["holes", "fill"])
+    for name, run in floors.items():
+        variant = name.removeprefix("floor: ")
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
+        assert run.data.metrics["test/synthetic/psnr"] == parent.data.metrics[f"floor/{variant}/test/synthetic/psnr"]
+        assert run.data.tags["mlflow.runColor"] == palette[variant]
+    trials = {r.data.tags["m2s.arm"]: r for r in runs if r.data.tags.get("m2s.kind") == "trial"}
+    assert {a: r.data.tags["mlflow.runColor"] for a, r in trials.items()} == {a: palette[a] for a in trials}
+    assert len({palette[a] for a in ["holes", "fill", "floor: warp_only", "floor: classical_fill"]}) == 4
+
+
+def test_the_first_link_compares_arms_and_floors_in_the_model_training_ui(swept):
+    uri, _ = swept
+    links = answer_links(uri, "http://127.0.0.1:1")
+    links_again = answer_links(uri, "http://127.0.0.1:1")  # found again: no second set of floor runs
+    assert links == links_again
+    client, runs = _runs(uri)
+    assert sum(r.data.tags.get("m2s.kind") == "floor" for r in runs) == 2
+    name = {r.info.run_id: r.info.run_name for r in runs}
+    ids = re.findall(r'"([0-9a-f]{32})"', unquote(links["compare"]))
+    assert [name[i] for i in ids] == ["holes-seed0", "fill-seed0", "floor: warp_only", "floor: classical_fill"]
+    assert links["compare"].endswith("workflowType=machine_learning")  # the UI's mode switch, not the GenAI pages
+    assert links["summary"].endswith("/artifacts/comparison/summary.png?workflowType=machine_learning")
+    assert links["status"] == "FINISHED"
+
+
+def _dom(url: str, tmp: Path) -> str:
+    out = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp / 'profile'}", "--window-size=1800,1400",
+                          "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    return re.sub(r"<[^>]+>", " ", out.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_the_first_printed_link_shows_arms_floors_and_psnr_in_a_browser(swept, tmp_path):
+    uri, _ = swept
+    port = free_port()
+    log = tmp_path / "dash.log"
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_m2s.cli", "dashboard", "--tracking-uri", uri, "--port",
+                             str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "MLflow dashboard:" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        first = re.search(r"http://\S+", log.read_text()).group(0)
+        assert "compare-runs" in first
+        text = _dom(first, tmp_path)
+        for word in ("holes-seed0", "fill-seed0", "floor: warp_only", "floor: classical_fill", "test/synthetic/psnr",
+                     "test/real/lpips_inside"):
+            assert word in text, word
+        assert re.search(r"\b\d{2}\.\d{1,3}\b", text)  # PSNR values
+        assert not [w for w in ("Traces", "Token Usage", "Detect Issues") if w in text]  # no GenAI page
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 143
+
+
+def _m2s_child(session: int) -> int:
+    """The m2s dashboard process of a `make dashboard` session."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if os.getsid(int(pid)) == session and any(c.endswith(b"m2s") for c in cmd) and b"dashboard" in cmd:
+                return int(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    raise AssertionError("no m2s dashboard process in the make session")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM to the dashboard", "Ctrl-C"])
+def test_make_dashboard_stopped_is_no_error(tmp_path, how):
+    port = free_port()
+    make = subprocess.Popen(["make", "-s", "-C", str(REPO), "dashboard", f"ARGS=--port {port}"],
+                            env={**os.environ, "M2S_ROOT": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out = []
+    while not any("MLflow dashboard:" in line for line in out):
+        line = make.stdout.readline()
+        assert line, "".join(out)
+        out.append(line)
+    if how == "Ctrl-C":  # the terminal sends SIGINT to make and the dashboard alike
+        os.killpg(make.pid, signal.SIGINT)
+    else:
+        os.kill(_m2s_child(make.pid), signal.SIGTERM)
+    out.append(make.stdout.read())
+    code = make.wait(60)
+    text = "".join(out)
+    assert "Error" not in text and "***" not in text, text
+    assert code == (0 if how != "Ctrl-C" else -signal.SIGINT)
