@@ -244,7 +244,10 @@ def test_postgres_dashboard_link_opens_the_compare_view_in_chromium(team_sweep):
     shown = subprocess.run(M2S + ["dashboard", "--tracking-uri", uri], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "M2S_ROOT": str(root)})
     assert shown.returncode == 0, shown.stderr[-2000:]
-    link = re.search(r"latest sweep team-[0-9a-f]{8}, its trial runs side by side: (\S+)", shown.stdout).group(1)
+    found = re.search(r"latest sweep team-[0-9a-f]{8} \((\w+)\), its arms and floors side by side: (\S+)", shown.stdout)
+    assert found, shown.stdout[-2000:]
+    status, link = found.groups()
+    assert status == "finished"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     screenshot = ARTIFACTS / "dashboard_compare.png"
     with tempfile.TemporaryDirectory() as profile:
