@@ -909,8 +909,13 @@ def answer(runs: pd.DataFrame, diffs: pd.DataFrame, ablation: str, metric: str =
     mine = runs[(runs.ablation == ablation) & ~runs.arm.str.startswith(FLOOR_PREFIX)]
     seeds = int(mine.groupby("arm").seed.nunique().max())
     head = f"**{ablation}** ({', '.join(sorted(mine.experiment.dropna().unique()))}, {seeds} seed{'s' * (seeds > 1)}"
-    if sub.empty:
-        return head + "): no paired differences logged yet (the sweep's table prints them when the grid finishes)."
+    if sub.empty:  # no logged comparison: the means, without intervals
+        means = split_by_steps(mine[(mine.metric == metric) & (mine.region == "full")]).groupby(["dataset", "arm"]).value.mean()
+        u = f" {unit(metric)}" if unit(metric) else ""
+        parts = [f"on {d}: " + ", ".join(f"{a} {v:.2f}{u}" for a, v in means[d].items())
+                 for d in _ordered(means.index.get_level_values(0).unique(), DATASET_ORDER)]
+        return (head + f"): mean {metric_header(metric).rsplit(' ', 1)[0]} " + "; ".join(parts)
+                + " (no paired differences logged: the sweep logs them with its table when the grid finishes).")
     higher, u = HIGHER_IS_BETTER[metric], f" {unit(metric)}" if unit(metric) else ""
     name = metric_header(metric).rsplit(" ", 1)[0]
     datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)

@@ -8,6 +8,7 @@ seeds, missing arms, a failed run, a running run and a superseded re-run. test_n
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -494,3 +495,38 @@ def test_floors_and_paired_differences_join_the_tables_and_plots(tmp_path):
     assert shown.iloc[0, 0] == "+0.40 [+0.20, +0.60] *"
     assert shown.index[0] == ("tiny", "with_left − without_left") and shown.columns[0][1] == "ΔPSNR (dB) ↑"
     assert isinstance(analysis.plot_differences(diffs, "left_cond"), Figure)
+
+
+def _diff(arm, against, dataset, mean, lo, hi):
+    return {"experiment": "tiny", "ablation": "left_cond", "label": f"{arm} - {against}", "arm": arm,
+            "against": against, "dataset": dataset, "metric": "psnr", "mean": mean, "lo": lo, "hi": hi, "clips": 12,
+            "seeds": 1, "excludes_zero": lo > 0 or hi < 0}
+
+
+def test_the_answers_come_first_in_words_from_the_numbers(runs):
+    diffs = pd.DataFrame([_diff("with_left", "without_left", "synthetic", 0.72, 0.31, 1.10),
+                          _diff("with_left", "without_left", "real", 0.05, -0.20, 0.30),
+                          _diff("with_left", "classical_fill", "real", -1.20, -1.50, -0.90),
+                          _diff("without_left", "classical_fill", "real", -1.25, -1.60, -0.90)])
+    text = analysis.answer(runs, diffs, "left_cond")
+    assert "on synthetic, with_left is better than without_left by +0.72 dB [+0.31, +1.10]" in text
+    assert "on real, no clear difference between with_left and without_left (+0.05 dB [-0.20, +0.30])" in text
+    assert "On real, both arms lose to the classical fill floor (with_left -1.20 dB [-1.50, -0.90]" in text
+    everything = analysis.answers(runs, diffs)
+    assert everything.index("**left_cond**") < everything.index("Not run yet")
+    # a grid with no finished runs: one line saying how to run it (and how long it takes)
+    assert "`left_cond_diffusion` (Table 4, 7) has no finished runs: `make sweep ABLATION=left_cond_diffusion`" in everything
+    # no logged differences: the means, said to be without intervals
+    assert "full_attention** (tiny, 2 seeds): mean PSNR (dB) on synthetic: with_full_attention 22.70 dB" in everything
+
+
+def test_table_html_spans_groups_labels_every_row_and_fits_by_region(runs):
+    html = analysis.build_table(runs, "4").html()
+    assert "V<sub>r</sub><sup>warp</sup> + M<sub>r</sub><sup>occ</sup>" in html  # the paper's notation, typeset
+    assert "V_r^warp" not in html
+    assert re.search(r'<th[^>]*colspan="\d+"[^>]*>ours</th>', html)  # "ours" spans its columns
+    assert html.count("full_attention/without_full_attention") == 1  # a row of its own, labelled
+    assert "PSNR (dB) ↑" in html and "LPIPS ↓" in html
+    six = analysis.build_table(runs, "6").html()
+    assert [c in six for c in ("Full frame", "Inside the disocclusion mask", "Outside the disocclusion mask")] == [True] * 3
+    assert "* measured with LPIPS alex" in six  # the metric settings as a footnote, not a column of text

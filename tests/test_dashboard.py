@@ -41,12 +41,61 @@ def swept(tmp_path_factory):
     return uri, root
 
 
-def _runs(uri):
+@pytest.fixture
+def store(tmp_path) -> str:
+    """A left_cond grid written by hand as a sweep logs it (before floors were runs of their own): a parent
+    with the floors' metrics and the summary figure, a finished trial per arm and a failed one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = tracking.client(uri)
-    exp = client.get_experiment_by_name("sweep-dash_grid")
+    exp = tracking.experiment_id(client, "sweep-left_cond")
+    parent = client.create_run(exp, run_name="left_cond-x", tags={"m2s.study": "left_cond-x", "m2s.kind": "sweep",
+                                                                  "m2s.ablation": "left_cond"}).info.run_id
+    test = lambda base, prefix="": [Metric(f"{prefix}test/{d}/{m}", base + k, 0, 0)  # noqa: E731
+                                    for d in ("synthetic", "real") for k, m in enumerate(("psnr", "lpips"))]
+    for arm, status in (("with_left", "FAILED"), ("with_left", "FINISHED"), ("without_left", "FINISHED")):
+        run = client.create_run(exp, run_name=f"{arm}-seed0", tags={"m2s.study": "left_cond-x", "m2s.kind": "trial",
+                                "m2s.arm": arm, "m2s.seed": "0", "mlflow.parentRunId": parent}).info.run_id
+        client.log_batch(run, metrics=test(21.0))
+        client.set_terminated(run, status)
+    client.log_batch(parent, metrics=test(20.0, "floor/warp_only/") + test(22.0, "floor/classical_fill/"))
+    client.log_figure(parent, Figure(), "comparison/summary.png")
+    client.set_terminated(parent)
+    return uri
+
+
+def test_the_first_link_of_a_store_puts_the_reference_arm_first_and_makes_floor_runs_once(store):
+    links = answer_links(store, "http://127.0.0.1:1")
+    assert answer_links(store, "http://127.0.0.1:1") == links  # found again, not made twice
+    client, runs = _runs(store, "left_cond")
+    name = {r.info.run_id: r.info.run_name for r in runs}
+    ids = re.findall(r'"([0-9a-f]{32})"', unquote(links["compare"]))
+    # the sweep file's reference arm first; the failed re-run is left out; then the floors
+    assert [name[i] for i in ids] == ["without_left-seed0", "with_left-seed0", "floor: warp_only", "floor: classical_fill"]
+    assert all(client.get_run(i).info.status == "FINISHED" for i in ids)
+    floor = next(r for r in runs if r.info.run_name == "floor: classical_fill")
+    assert floor.data.metrics == {"test/synthetic/psnr": 22.0, "test/synthetic/lpips": 23.0,
+                                  "test/real/psnr": 22.0, "test/real/lpips": 23.0}
+    palette = comparison.colors(["with_left", "without_left"])
+    assert {name[i]: client.get_run(i).data.tags["mlflow.runColor"] for i in ids} == {
+        "without_left-seed0": palette["without_left"], "with_left-seed0": palette["with_left"],
+        "floor: warp_only": palette["warp_only"], "floor: classical_fill": palette["classical_fill"]}
+    assert "workflowType=machine_learning" in links["compare"] and links["summary"].startswith(
+        "http://127.0.0.1:1/#/experiments/")
+
+
+def _runs(uri, ablation="dash_grid"):
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(f"sweep-{ablation}")
     return client, client.search_runs([exp.experiment_id])
 
 
+@pytest.mark.slow
 def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floor(swept):
     uri, _ = swept
     client, runs = _runs(uri)
@@ -64,6 +113,7 @@ def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floo
     assert len({palette[a] for a in ["holes", "fill", "floor: warp_only", "floor: classical_fill"]}) == 4
 
 
+@pytest.mark.slow
 def test_the_first_link_compares_arms_and_floors_in_the_model_training_ui(swept):
     uri, _ = swept
     links = answer_links(uri, "http://127.0.0.1:1")

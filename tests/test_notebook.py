@@ -32,6 +32,13 @@ def test_notebook_executes_and_writes_html(tmp_path):
     assert "26.2" in text and "paper" in text
     assert text.count("data:image/png;base64") >= 10  # the plots are embedded
     assert "Traceback" not in text
+    # a report: the answers before the first table, a grid without runs is one line saying how to run it,
+    # nothing printed to stderr (download bars, warnings), no code
+    assert text.index("The answers") < text.index("Table 4:")
+    assert "mean PSNR (dB) on synthetic: without_left 21.00 dB" in text or "with_left 22.50 dB" in text
+    assert "has no finished runs: <code>make sweep ABLATION=left_cond_diffusion</code>" in text
+    assert 'data-mime-type="application/vnd.jupyter.stderr"' not in text and "Downloading artifacts" not in text
+    assert "analysis.show_grid" not in text
     # The committed notebook stays as it was: papermill wrote the executed copy elsewhere.
     assert all(not c.get("outputs") for c in nbformat.read(analysis.NOTEBOOK, as_version=4).cells
                if c.cell_type == "code")
@@ -73,4 +80,5 @@ def test_notebook_on_a_store_filled_by_real_tiny_sweeps(tmp_path):
     assert filled6.sum() == 3 + 2
     text = analysis.run_notebook(uri, tmp_path / "tables_4_10.html").read_text(encoding="utf-8")
     assert "Traceback" not in text and "Table 10" in text
-    assert "without_left - with_left" in text  # the grid's paired differences
+    assert "with_left − without_left" in text  # the grid's paired differences, treatment − reference
+    assert "<strong>left_cond</strong> (debug, 1 seed; PSNR (dB), treatment − reference" in text  # its answer in words
