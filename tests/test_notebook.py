@@ -35,7 +35,7 @@ def test_notebook_executes_and_writes_html(tmp_path):
     # a report: the answers before the first table, a grid without runs is one line saying how to run it,
     # nothing printed to stderr (download bars, warnings), no code
     assert text.index("The answers") < text.index("Table 4:")
-    assert "mean PSNR (dB) on synthetic: without_left 21.00 dB" in text or "with_left 22.50 dB" in text
+    assert "mean PSNR (dB) on synthetic: with_left 22.50 dB, without_left 21.00 dB" in text  # no logged differences
     assert "has no finished runs: <code>make sweep ABLATION=left_cond_diffusion</code>" in text
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in text and "Downloading artifacts" not in text
     assert "analysis.show_grid" not in text
