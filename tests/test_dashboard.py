@@ -1,6 +1,7 @@
-"""`m2s dashboard`: the first link it prints is the latest sweep's answer in MLflow's model-training UI (its
-arms and floors side by side; a real sweep, a real MLflow server, a real headless Chromium), and a dashboard
-stopped by Ctrl-C or SIGTERM is no error of make's."""
+"""What a researcher meets first. `m2s dashboard`: the first link it prints is the latest sweep's answer in
+MLflow's model-training UI (its arms and floors side by side; a real sweep, a real MLflow server, a real
+headless Chromium), and a dashboard stopped by Ctrl-C or SIGTERM is no error of make's. The CLI: every
+command's help ends with an example, and a sweep's table ends with the checkpoint of each arm to use."""
 
 from __future__ import annotations
 
@@ -111,6 +112,43 @@ def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floo
     trials = {r.data.tags["m2s.arm"]: r for r in runs if r.data.tags.get("m2s.kind") == "trial"}
     assert {a: r.data.tags["mlflow.runColor"] for a, r in trials.items()} == {a: palette[a] for a in trials}
     assert len({palette[a] for a in ["holes", "fill", "floor: warp_only", "floor: classical_fill"]}) == 4
+
+
+def test_the_sweep_footer_names_each_arms_checkpoint_with_the_commands(tmp_path):
+    from lightning_m2s.sweep import format_footer
+
+    trials = []
+    for arm, seed, state in (("with_left", 1, "COMPLETE"), ("with_left", 0, "COMPLETE"), ("without_left", 0, "COMPLETE"),
+                             ("broken", 0, "FAIL")):
+        folder = tmp_path / f"{arm}-seed{seed}"
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "best.ckpt").touch()
+        trials.append({"arm": arm, "seed": seed, "state": state, "output_dir": str(folder)})
+    footer = format_footer({"trials": trials}).splitlines()
+    assert footer[0].startswith("checkpoint of each arm (best.ckpt")
+    best = tmp_path / "with_left-seed0" / "checkpoints" / "best.ckpt"  # the lowest seed's
+    assert footer[1].split() == ["with_left", str(best)] and footer[2].split()[0] == "without_left"
+    assert not any("broken" in line for line in footer)  # a failed trial's checkpoint is not offered
+    assert footer[-2].strip() == f"m2s evaluate {best} --sources real"
+    assert footer[-1].strip().startswith(f"m2s convert VIDEO.mp4 --checkpoint {best} --depth")
+    assert format_footer({"trials": [{"arm": "holes", "seed": 0, "state": "COMPLETE", "output_dir": None}]}) == ""
+
+
+def test_every_command_help_ends_with_an_example():
+    from lightning_m2s.cli import SWEEP_INFO, build_parser
+    from lightning_m2s.config import SWEEPS_DIR
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "\nexample:\n" in text and f"m2s {name}" in text.split("example:")[-1], name
+    top = parser.format_help()
+    assert "decoder" in top and "example:" in top
+    sweep_help = commands["sweep"].format_help()
+    for grid in sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")):  # every grid, what it reproduces, its time
+        assert grid in SWEEP_INFO and f"  {grid} " in sweep_help, grid
+        assert f"(about {SWEEP_INFO[grid][2]} min)" in sweep_help
 
 
 @pytest.mark.slow
