@@ -90,6 +90,9 @@ def log_answer_runs(client, parent_id: str) -> dict[str, list]:
 
             now = int(time.time() * 1000)
             client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in new.items()])
+        if not client.list_artifacts(run.info.run_id):  # MLflow's compare view fails on a run without any
+            tracking.log_json_artifact(client, run.info.run_id, {"floor": variant, "metrics": variants[variant]},
+                                       "metrics", "floor.json")
         if run.info.status != "FINISHED":
             client.set_terminated(run.info.run_id, status="FINISHED")
         floors.append(run)
