@@ -221,10 +221,11 @@ def treatment_first(d: dict, ablation: str | None, arms=()) -> dict:
     """A paired difference as treatment - reference (comparison.reference_arm): a grid logged before that
     rule (reference = its first arm) reads the other way round; the difference and its bootstrap interval
     then change sign exactly."""
-    from lightning_m2s.comparison import reference_arm
+    from lightning_m2s.comparison import FLOOR_REFERENCE, reference_arm
 
     reference = reference_arm(ARMS.get(ablation) or arms)
-    if d["arm"] != reference or d["against"] not in set(ARMS.get(ablation, ())) | set(arms):
+    # arm - classical fill is the floor comparison, always that way round (also where an arm is named so)
+    if d["arm"] != reference or d["against"] == FLOOR_REFERENCE or d["against"] not in set(ARMS.get(ablation, ())) | set(arms):
         return d
     return {**d, "arm": d["against"], "against": d["arm"], "label": f"{d['against']} - {d['arm']}",
             "mean": -d["mean"], "lo": -d["hi"], "hi": -d["lo"]}
@@ -290,7 +291,9 @@ def plot_differences(diffs: pd.DataFrame, ablation: str, metrics=("psnr", "lpips
     sub = diffs[(diffs.ablation == ablation) & diffs.metric.isin(metrics)]
     if sub.empty:
         return _empty(f"no paired differences logged for sweep-{ablation} yet")
-    sub = sub.assign(label=sub.arm + " − " + sub.against)  # treatment − reference
+    several = sub.experiment.nunique() > 1
+    sub = sub.assign(label=sub.arm + " − " + sub.against + ((" (" + sub.experiment + ")") if several else ""))
+    sub = sub.drop_duplicates(["label", "dataset", "metric"])  # treatment − reference, each once
     datasets = _ordered(sub.dataset.unique(), DATASET_ORDER)
     labels = list(dict.fromkeys(sub.label))
     palette = arm_colors(list(dict.fromkeys(list(ARMS.get(ablation, ())) + list(sub.arm))))

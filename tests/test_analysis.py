@@ -495,6 +495,12 @@ def test_floors_and_paired_differences_join_the_tables_and_plots(tmp_path):
     assert shown.iloc[0, 0] == "+0.40 [+0.20, +0.60] *"
     assert shown.index[0] == ("tiny", "with_left − without_left") and shown.columns[0][1] == "ΔPSNR (dB) ↑"
     assert isinstance(analysis.plot_differences(diffs, "left_cond"), Figure)
+    # the baselines grid has an arm named as the floor: arm - classical fill stays the floor comparison
+    floor_row = {**diff, "label": "warp_only - classical_fill", "arm": "warp_only", "against": "classical_fill"}
+    assert analysis.treatment_first(floor_row, "baselines") == floor_row
+    arm_row = {**diff, "arm": "classical_fill", "against": "warp_only"}
+    both = pd.DataFrame([{"experiment": "tiny", "ablation": "baselines", **r} for r in (floor_row, arm_row, arm_row)])
+    assert isinstance(analysis.plot_differences(both, "baselines"), Figure)  # a repeated row is drawn once
 
 
 def _diff(arm, against, dataset, mean, lo, hi):
