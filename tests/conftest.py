@@ -77,8 +77,9 @@ def write_tiny_svd_dir(root: Path) -> Path:
 
     root = Path(root)
     torch.manual_seed(0)
-    build_tiny_unet(seed=0).save_pretrained(root / "unet")  # 8 input channels, as img2vid-xt
-    FrozenVideoVAE.from_config(dict(block_out_channels=(32, 32, 32, 32))).vae.save_pretrained(root / "vae")
+    # img2vid-xt's layout: an 8x VAE with 4 latent channels, a UNet with 8 input channels
+    build_tiny_unet(seed=0, in_channels=8, out_channels=4).save_pretrained(root / "unet")
+    FrozenVideoVAE.from_config(dict(block_out_channels=(32, 32, 32, 32), latent_channels=4)).vae.save_pretrained(root / "vae")
     clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                             image_size=32, patch_size=8, projection_dim=64)
     CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
