@@ -951,8 +951,8 @@ def answer(runs: pd.DataFrame, diffs: pd.DataFrame, ablation: str, metric: str =
         else:
             each = "; ".join(f"{a} {single[v]} it" for a, v in verdicts.items())
             sentences.append(f"On {d}, against the classical fill floor: {each} ({numbers}).")
-    clips = int(sub.clips.max())
-    return (f"{head}; {name}, treatment − reference, paired over the same {clips} test clips per set, 95% bootstrap "
+    clips = ", ".join(f"{int(sub[sub.dataset == d].clips.max())} {d}" for d in datasets)
+    return (f"{head}; {name}, treatment − reference, paired over the same test clips ({clips}), 95% bootstrap "
             f"interval): " + " ".join(sentences))
 
 
