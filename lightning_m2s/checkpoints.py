@@ -69,17 +69,29 @@ def remove_temporaries(folder: Path) -> None:
 
 
 class LastCheckpoint(L.Callback):
-    """`last.ckpt` every `every_n_steps` steps (0: never) and on SIGTERM / SIGINT during fit."""
+    """The one writer of `last.ckpt` (what a run resumes from): every `every_n_steps` steps (0: never), after
+    each validation of a fit, at its end, and on SIGTERM / SIGINT."""
 
     def __init__(self, path: Path, every_n_steps: int):
         self.path, self.every_n_steps = Path(path), int(every_n_steps)
         self._saved_step = -1
 
+    def _save(self, trainer) -> None:
+        if trainer.global_step != self._saved_step:
+            trainer.save_checkpoint(self.path)
+            self._saved_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimiser steps: with gradient accumulation several batches share one
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._saved_step:
-            trainer.save_checkpoint(self.path)
-            self._saved_step = step
+        if self.every_n_steps and step and step % self.every_n_steps == 0:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, module) -> None:
+        self._save(trainer)
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if trainer.state.fn != "fit":

@@ -129,8 +129,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     logger = _logger(cfg, out)
     logger.experiment.log_artifact(logger.run_id, str(out / "config.yaml"))
 
-    # last.ckpt is LastCheckpoint's too: overwrite it (Lightning would add a 100 MB last-v1.ckpt that no resume reads)
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, monitor=cfg.trainer.monitor,
+    # best.ckpt here; last.ckpt is LastCheckpoint's alone
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=False, monitor=cfg.trainer.monitor,
                                  mode=cfg.trainer.monitor_mode, save_top_k=1, filename="best",
                                  enable_version_counter=False)
     last = LastCheckpoint(out / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)

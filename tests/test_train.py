@@ -48,6 +48,10 @@ def test_each_variant_trains_evaluates_and_is_tracked(variant, tmp_path):
     qualitative = {a.path for a in client.list_artifacts(run.info.run_id, "qualitative")}
     assert {"qualitative/synthetic_clip0.npz", "qualitative/real_clip0.npz"} <= qualitative
     checkpoint = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    # one last.ckpt (LastCheckpoint's alone, at the run's last step) beside best.ckpt, nothing else
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
+    cfg = load_config("debug", overrides)
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == cfg.trainer.max_steps
     refiner, eval_cfg = load_refiner(str(checkpoint))  # a checkpoint of any variant gives the model back
     assert eval_cfg["steps"] == 2 and not refiner.training
 
