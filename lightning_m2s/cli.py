@@ -180,8 +180,11 @@ def _dashboard(args: argparse.Namespace) -> None:
 
 
 def _notebook(args: argparse.Namespace) -> None:
+    import signal
+
     from lightning_m2s.analysis import run_notebook
 
+    signal.signal(signal.SIGTERM, _raise_interrupted)  # unwinds: the kernel is shut down, the temporary copy removed
     print(f"wrote {run_notebook(args.tracking_uri, args.out)}")
 
 
