@@ -63,6 +63,7 @@ def test_nan_depth_names_only_the_bad_frames(tmp_path):
         open_depth_file(tmp_path / "d.npy", kind="depth").inverse(0, 40)
 
 
+@pytest.mark.slow
 def test_m2s_root_naming_a_file_or_no_folder_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("")
     for root, what in ((tmp_path / "a_file", "is a file, not a folder"), (tmp_path / "typo", "does not exist")):
@@ -71,6 +72,7 @@ def test_m2s_root_naming_a_file_or_no_folder_is_one_line(tmp_path):
     assert not (tmp_path / "typo").exists() and not (tmp_path / "mlflow.db").exists()  # no store started anywhere
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_folder_that_is_no_checkpoint_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     last = one_line_error(m2s(["evaluate", str(tmp_path / "empty"), "--experiment", "debug", "--no-floors"], tmp_path))
@@ -92,6 +94,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_the_partial_file_of_a_convert_killed_with_9_is_removed_by_the_next_one_but_not_a_live_ones(tmp_path):
     src = video(tmp_path / "in.mp4")
     np.save(tmp_path / "depth.npy", np.ones((10, 48, 64), np.float32))

@@ -116,6 +116,7 @@ print(elect_parent_run(client, exp, sys.argv[2], {"m2s.study": "race", "m2s.kind
 """
 
 
+@pytest.mark.slow
 def test_workers_that_race_to_create_the_parent_run_elect_one_however_late_their_runs_land(tmp_path):
     uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     from lightning_m2s import tracking
