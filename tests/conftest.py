@@ -67,26 +67,14 @@ def layouts():
 # --- training stack ---------------------------------------------------------------------------------
 
 def write_tiny_svd_dir(root: Path) -> Path:
-    """A random SVD checkpoint in diffusers format (the img2vid-xt layout) at tiny width."""
-    import torch
-    from diffusers import EulerDiscreteScheduler
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
+    """A random SVD checkpoint in diffusers format (the img2vid-xt layout) at tiny width: an 8-channel UNet
+    beside img2vid-xt's parts (8x VAE with 4 latent channels, CLIP image encoder, scheduler)."""
+    from lightning_m2s.benchmarks.convert import write_img2vid_parts
     from lightning_m2s.models.unet import build_tiny_unet
-    from lightning_m2s.models.vae import FrozenVideoVAE
 
     root = Path(root)
-    torch.manual_seed(0)
-    # img2vid-xt's layout: an 8x VAE with 4 latent channels, a UNet with 8 input channels
     build_tiny_unet(seed=0, in_channels=8, out_channels=4).save_pretrained(root / "unet")
-    FrozenVideoVAE.from_config(dict(block_out_channels=(32, 32, 32, 32), latent_channels=4)).vae.save_pretrained(root / "vae")
-    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=32, patch_size=8, projection_dim=64)
-    CLIPVisionModelWithProjection(clip).save_pretrained(root / "image_encoder")
-    CLIPImageProcessor(crop_size=32, size=32).save_pretrained(root / "feature_extractor")
-    EulerDiscreteScheduler(prediction_type="v_prediction", use_karras_sigmas=True, sigma_min=0.002,
-                           sigma_max=700.0, timestep_type="continuous").save_config(root / "scheduler")
-    return root
+    return write_img2vid_parts(root)
 
 
 @pytest.fixture(scope="session")
