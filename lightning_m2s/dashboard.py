@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lightning_m2s import tracking
+from lightning_m2s import tags, tracking
 from lightning_m2s.errors import ConfigError, M2SError
 
 
@@ -92,7 +92,7 @@ UI_MODE = "workflowType=machine_learning"  # the UI's own mode switch: runs and 
 def latest_sweep(client):
     """The newest sweep parent run in the store (tagged m2s.kind=sweep), or None."""
     experiments = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(experiments, filter_string="tags.`m2s.kind` = 'sweep'",
+    parents = client.search_runs(experiments, filter_string=tags.filter_tag(tags.KIND, tags.SWEEP),
                                  order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
     return parents[0] if parents else None
 
@@ -117,7 +117,7 @@ def answer_links(uri: str | None, base_url: str) -> dict[str, str] | None:
         return None
     as_json = lambda items: quote(json.dumps(items, separators=(",", ":")))  # noqa: E731 - the UI's own route format
     exp = parent.info.experiment_id
-    links = {"study": parent.data.tags.get("m2s.study", parent.info.run_name), "status": parent.info.status,
+    links = {"study": parent.data.tags.get(tags.STUDY, parent.info.run_name), "status": parent.info.status,
              "compare": f"{base_url}/#/compare-runs?runs={as_json(ids)}&experiments={as_json([exp])}&{UI_MODE}"}
     figures = {f.path for f in client.list_artifacts(parent.info.run_id, "comparison")}
     if "comparison/summary.png" in figures:

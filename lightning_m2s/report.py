@@ -13,35 +13,35 @@ import time
 
 import numpy as np
 
-from lightning_m2s import comparison, tracking
+from lightning_m2s import comparison, tags, tracking
 from lightning_m2s.stats import paired_difference, per_clip_matrix
 
 FIGURE_METRICS = ("psnr", "lpips")
 BETTER = {"psnr": "higher is better", "lpips": "lower is better"}
-ARMS_TAG = "m2s.arms"  # on the parent run: the grid's arms in its sweep file's order
 
 
-def log_summary(client, run_id: str, summary: dict, tracking_uri: str | None = None) -> None:
-    c = summary["comparison"]
+def log_summary(client, run_id: str, summary, tracking_uri: str | None = None) -> None:
+    """The comparison tables and summary.png on a sweep's parent run (summary: a sweep.SweepResult)."""
+    c = summary.comparison
     client.log_table(run_id, comparison.mean_table(c["means"], c["datasets"]), "comparison/means.json")
     if c["differences"]:
         client.log_table(run_id, comparison.difference_table(c["differences"]), "comparison/differences.json")
     client.log_figure(run_id, summary_figure(summary, qualitative(summary, tracking_uri)), "comparison/summary.png")
-    arms = list(dict.fromkeys([*summary["per_clip"]["arms"], *(r["arm"] for r in summary["trials"])]))
-    client.set_tag(run_id, ARMS_TAG, ",".join(arms))  # the grid's order: the colours follow its reference arm
+    arms = list(dict.fromkeys([*summary.per_clip["arms"], *(t.arm for t in summary.trials)]))
+    client.set_tag(run_id, tags.ARMS, ",".join(arms))  # the grid's order: the colours follow its reference arm
     log_answer_runs(client, run_id)
 
 
-def arm_order(tags: dict, found: list[str]) -> list[str]:
+def arm_order(run_tags: dict, found: list[str]) -> list[str]:
     """A grid's arms in its sweep file's order (the parent's m2s.arms tag; for a sweep logged before that tag,
     its sweeps/ file when there still is one), then any other arm found."""
-    listed = [a for a in tags.get(ARMS_TAG, "").split(",") if a]
-    if not listed and tags.get("m2s.ablation"):
+    listed = [a for a in run_tags.get(tags.ARMS, "").split(",") if a]
+    if not listed and run_tags.get(tags.ABLATION):
         from lightning_m2s.errors import ConfigError
         from lightning_m2s.sweep import load_sweep
 
         try:
-            listed = list(load_sweep(tags["m2s.ablation"]).arms)
+            listed = list(load_sweep(run_tags[tags.ABLATION]).arms)
         except ConfigError:  # a sweep file since renamed or a YAML path elsewhere: the order found
             pass
     return list(dict.fromkeys([a for a in listed if a in found] + [a for a in found if a]))
@@ -54,35 +54,35 @@ def log_answer_runs(client, parent_id: str) -> dict[str, list]:
     Found again, never duplicated, when a sweep finishes again. Returns {"arms": the newest finished trial
     run per arm and seed, reference arm first; "floors": the floor runs}."""
     parent = client.get_run(parent_id)
-    tags, exp_id = parent.data.tags, parent.info.experiment_id
-    children = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+    parent_tags, exp_id = parent.data.tags, parent.info.experiment_id
+    children = client.search_runs([exp_id], filter_string=tags.filter_tag(tags.PARENT_RUN, parent_id),
                                   order_by=["attributes.start_time DESC"], max_results=1000)
     newest = {}
     for run in children:  # a re-run of a point replaces it: the newest finished run counts
-        key = (run.data.tags.get("m2s.arm"), run.data.tags.get("m2s.seed"))
-        if run.data.tags.get("m2s.kind") == "trial" and run.info.status == "FINISHED" and key not in newest:
+        key = (run.data.tags.get(tags.ARM), run.data.tags.get(tags.SEED))
+        if run.data.tags.get(tags.KIND) == tags.TRIAL and run.info.status == "FINISHED" and key not in newest:
             newest[key] = run
-    arm_names = arm_order(tags, [a for a, _ in newest])
+    arm_names = arm_order(parent_tags, [a for a, _ in newest])
     palette = comparison.colors(arm_names)
     order = [a for a in palette if a in arm_names]  # the reference first, as the colours are given
-    arms = sorted(newest.values(), key=lambda r: (order.index(r.data.tags["m2s.arm"]), str(r.data.tags.get("m2s.seed"))))
+    arms = sorted(newest.values(), key=lambda r: (order.index(r.data.tags[tags.ARM]), str(r.data.tags.get(tags.SEED))))
     for run in arms:
-        if run.data.tags.get("mlflow.runColor") != palette[run.data.tags["m2s.arm"]]:
-            client.set_tag(run.info.run_id, "mlflow.runColor", palette[run.data.tags["m2s.arm"]])
+        if run.data.tags.get(tags.RUN_COLOR) != palette[run.data.tags[tags.ARM]]:
+            client.set_tag(run.info.run_id, tags.RUN_COLOR, palette[run.data.tags[tags.ARM]])
     variants = {}
     for key, value in parent.data.metrics.items():
         if key.startswith("floor/"):
             _, variant, metric = key.split("/", 2)
             variants.setdefault(variant, {})[metric] = value
     floors = []
-    study_tags = {k: v for k, v in tags.items() if k.startswith(("m2s.metrics.", "m2s.ablation", "m2s.experiment"))}
+    study_tags = {k: v for k, v in parent_tags.items() if k.startswith((tags.METRICS_PREFIX, tags.ABLATION, tags.EXPERIMENT))}
     known = list(comparison.FLOOR_COLORS)  # warp-only first, as the tables list them
     for variant in sorted(variants, key=lambda v: (known.index(v) if v in known else len(known), v)):
         run = tracking.find_or_create_run(
-            client, exp_id, {"m2s.study": tags.get("m2s.study", ""), "m2s.kind": "floor", "m2s.floor": variant},
-            f"floor: {variant}", {"mlflow.parentRunId": parent_id, **study_tags,
-                                   "mlflow.runColor": palette.get(variant, "#7f7f7f"),
-                                   "mlflow.note.content": "A training-free floor of the grid, scored on exactly its "
+            client, exp_id, {tags.STUDY: parent_tags.get(tags.STUDY, ""), tags.KIND: tags.FLOOR, tags.FLOOR_VARIANT: variant},
+            f"floor: {variant}", {tags.PARENT_RUN: parent_id, **study_tags,
+                                   tags.RUN_COLOR: palette.get(variant, "#7f7f7f"),
+                                   tags.NOTE: "A training-free floor of the grid, scored on exactly its "
                                                           "test clips (the values are the parent run's floor/... metrics)."})
         new = {k: v for k, v in variants[variant].items() if run.data.metrics.get(k) != v}
         if new:
@@ -108,26 +108,26 @@ def arm_interval(runs: list[list[dict]], dataset: str, metric: str) -> tuple[flo
     return (d.mean, d.lo, d.hi) if np.isfinite(d.mean) else None
 
 
-def qualitative(summary: dict, tracking_uri: str | None) -> dict[tuple[str, str], dict]:
+def qualitative(summary, tracking_uri: str | None) -> dict[tuple[str, str], dict]:
     """(dataset, arm) -> the middle-frame arrays of the arm's lowest-seed finished run."""
     from lightning_m2s.analysis import load_qualitative
 
     panels = {}
-    done = sorted((r for r in summary["trials"] if r["state"] == "COMPLETE" and r.get("run_id")),
-                  key=lambda r: (r["seed"] is None, r["seed"]))
-    for dataset in summary["comparison"]["datasets"]:
-        for arm in summary["per_clip"]["arms"]:
-            run = next((r for r in done if r["arm"] == arm), None)
-            data = load_qualitative(tracking_uri, run["run_id"], dataset) if run else None
+    done = sorted((t for t in summary.trials if t.state == "COMPLETE" and t.run_id),
+                  key=lambda t: (t.seed is None, t.seed))
+    for dataset in summary.comparison["datasets"]:
+        for arm in summary.per_clip["arms"]:
+            run = next((t for t in done if t.arm == arm), None)
+            data = load_qualitative(tracking_uri, run.run_id, dataset) if run else None
             if data is not None:
                 panels[dataset, arm] = data
     return panels
 
 
-def summary_figure(summary: dict, panels: dict[tuple[str, str], dict]):
+def summary_figure(summary, panels: dict[tuple[str, str], dict]):
     from matplotlib.figure import Figure
 
-    c, arms = summary["comparison"], summary["per_clip"]["arms"]
+    c, arms = summary.comparison, summary.per_clip["arms"]
     datasets, floors = c["datasets"], [r for r in c["means"] if r["kind"] == "floor"]
     columns = ["left", "warped", "mask", *arms, "right (ground truth)"]
     width = max(3.0 * len(datasets) * len(FIGURE_METRICS), 1.6 * len(columns))
@@ -154,7 +154,7 @@ def summary_figure(summary: dict, panels: dict[tuple[str, str], dict]):
         ax.set_title(f"{dataset}: {comparison.LABELS[metric]}{f' ({unit})' if unit else ''} {comparison.arrow(metric)} "
                      f"({BETTER[metric]})", fontsize=9)
         ax.legend(fontsize=7)
-    top.suptitle(f"{summary['study']}: mean over test clips, 95% bootstrap interval; floors dashed", fontsize=10)
+    top.suptitle(f"{summary.study}: mean over test clips, 95% bootstrap interval; floors dashed", fontsize=10)
     grid = bottom.subplots(len(datasets), len(columns), squeeze=False)
     for r, dataset in enumerate(datasets):
         inputs = next((panels[dataset, a] for a in arms if (dataset, a) in panels), {})  # the same clip for every arm

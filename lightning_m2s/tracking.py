@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lightning_m2s import tags
 from lightning_m2s.config import PROJECT_ROOT, flatten, work_root
 from lightning_m2s.errors import ConfigError, M2SError
 
@@ -189,9 +190,9 @@ def log_config(mlflow_client, run_id: str, cfg) -> None:
 def metric_tags(cfg) -> dict[str, str]:
     """The evaluation settings a run's numbers depend on, as tags: comparing numbers of other settings
     (with each other or with the paper's) is comparing different measurements."""
-    return {"m2s.metrics.lpips_net": str(cfg.module.eval.lpips_net),
-            "m2s.metrics.ms_ssim": str(cfg.module.eval.ms_ssim),
-            "m2s.metrics.eval_size": str(cfg.data.eval_size)}
+    return {f"{tags.METRICS_PREFIX}lpips_net": str(cfg.module.eval.lpips_net),
+            f"{tags.METRICS_PREFIX}ms_ssim": str(cfg.module.eval.ms_ssim),
+            f"{tags.METRICS_PREFIX}eval_size": str(cfg.data.eval_size)}
 
 
 def log_json_artifact(mlflow_client, run_id: str, data: dict, artifact_dir: str, name: str) -> None:

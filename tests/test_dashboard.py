@@ -38,7 +38,7 @@ def swept(tmp_path_factory):
     path.write_text(yaml.safe_dump(GRID, sort_keys=False))  # the arms in their order: holes is the reference
     uri = f"sqlite:///{root / 'mlflow.db'}"
     summary = run_sweep(path, storage=f"sqlite:///{root / 'optuna.db'}", tracking_uri=uri, output_root=root)
-    assert {t["state"] for t in summary["trials"]} == {"COMPLETE"}
+    assert {t.state for t in summary.trials} == {"COMPLETE"}
     return uri, root
 
 
@@ -115,7 +115,10 @@ def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floo
 
 
 def test_the_sweep_footer_names_each_arms_checkpoint_with_the_commands(tmp_path):
-    from lightning_m2s.sweep import format_footer
+    from lightning_m2s.sweep import SweepResult, TrialResult, format_footer
+
+    def result(trials):
+        return SweepResult("left_cond-x", "test/synthetic/lpips", "minimize", "parent", trials, None, {}, {})
 
     trials = []
     for arm, seed, state in (("with_left", 1, "COMPLETE"), ("with_left", 0, "COMPLETE"), ("without_left", 0, "COMPLETE"),
@@ -123,15 +126,15 @@ def test_the_sweep_footer_names_each_arms_checkpoint_with_the_commands(tmp_path)
         folder = tmp_path / f"{arm}-seed{seed}"
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "checkpoints" / "best.ckpt").touch()
-        trials.append({"arm": arm, "seed": seed, "state": state, "output_dir": str(folder)})
-    footer = format_footer({"trials": trials}).splitlines()
+        trials.append(TrialResult(len(trials), arm, seed, state, None, {}, None, str(folder)))
+    footer = format_footer(result(trials)).splitlines()
     assert footer[0].startswith("checkpoint of each arm (best.ckpt")
     best = tmp_path / "with_left-seed0" / "checkpoints" / "best.ckpt"  # the lowest seed's
     assert footer[1].split() == ["with_left", str(best)] and footer[2].split()[0] == "without_left"
     assert not any("broken" in line for line in footer)  # a failed trial's checkpoint is not offered
     assert footer[-2].strip() == f"m2s evaluate {best} --sources real"
     assert footer[-1].strip().startswith(f"m2s convert VIDEO.mp4 --checkpoint {best} --depth")
-    assert format_footer({"trials": [{"arm": "holes", "seed": 0, "state": "COMPLETE", "output_dir": None}]}) == ""
+    assert format_footer(result([TrialResult(0, "holes", 0, "COMPLETE", None, {}, None, None)])) == ""
 
 
 def test_every_command_help_ends_with_an_example():

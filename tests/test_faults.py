@@ -46,7 +46,7 @@ def runs(root: Path) -> list:
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_train_saves_last_ckpt_marks_the_run_failed_and_exits_128_plus_n(tmp_path, signum, code):
-    proc = start(["train", "debug", "trainer.max_steps=100000", "trainer.checkpoint_every_n_steps=3",
+    proc = start(["train", "debug", "trainer.max_steps=100000", "checkpoint.every_n_steps=3",
                   "data.train_batches=1000"], tmp_path)
     last = tmp_path / "outputs" / "debug" / "default" / "checkpoints" / "last.ckpt"
     wait_for(last.exists, proc=proc)  # periodic last.ckpt without any validation
@@ -95,7 +95,7 @@ def test_bad_override_types_and_names_are_errors_before_any_run(tmp_path):
 
 def test_sigterm_to_a_sweep_fails_its_trial_and_a_rerun_retries_it(tmp_path):
     grid = {"study": "killed", "experiment": "debug", "arms": {"a": {}},
-            "overrides": {"trainer.max_steps": 100000, "data.train_batches": 1000, "trainer.checkpoint_every_n_steps": 2},
+            "overrides": {"trainer.max_steps": 100000, "data.train_batches": 1000, "checkpoint.every_n_steps": 2},
             "objective": {"metric": "test/synthetic/psnr", "direction": "maximize"}}
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(grid))
     proc = start(["sweep", str(tmp_path / "killed.yaml")], tmp_path)
@@ -206,7 +206,7 @@ def test_another_storage_never_resumes_this_studys_checkpoints(tmp_path):
         summary = run_sweep(tmp_path / "same_name.yaml", storage=f"sqlite:///{tmp_path / store}.db",
                             tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", output_root=tmp_path)
         folders.append({p.name for p in (tmp_path / "sweeps").iterdir()})
-        assert summary["complete"]
+        assert summary.complete
     assert len(folders[1]) == 2 and folders[0] < folders[1]  # a second study folder, keyed by study identity
 
 
@@ -227,9 +227,9 @@ def test_evaluation_noise_comes_from_the_clip_seed_not_the_global_rng():
 def test_a_rerun_names_the_trials_a_live_worker_holds_and_when_they_can_be_retried(tmp_path):
     import optuna
 
-    from lightning_m2s.sweep import _storage, held_trials
+    from lightning_m2s.sweep import held_trials, open_storage
 
-    storage = _storage(f"sqlite:///{tmp_path / 'o.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}")
     study = optuna.create_study(study_name="held", storage=storage)
     trial = study.ask({"arm": optuna.distributions.CategoricalDistribution(["with_left"]),
                        "seed": optuna.distributions.CategoricalDistribution([0])})

@@ -67,7 +67,7 @@ def test_notebook_on_a_store_filled_by_real_tiny_sweeps(tmp_path):
     for ablation in ("left_cond", "baselines"):
         summary = run_sweep(ablation, experiment="debug", overrides=fast, storage=storage, tracking_uri=uri,
                             output_root=tmp_path)
-        assert {t["state"] for t in summary["trials"]} == {"COMPLETE"}
+        assert {t.state for t in summary.trials} == {"COMPLETE"}
     runs = analysis.load_runs(uri)
     table4 = analysis.build_table(runs, "4").values
     ours = table4[[c for c in table4.columns if c[0].startswith("ours")]]

@@ -119,7 +119,7 @@ def fast_sweep(tmp_path_factory):
 
 def test_grid_runs_every_arm_and_records_the_failing_one(fast_sweep):
     _, _, uri, _, summary = fast_sweep
-    states = {t["arm"]: t["state"] for t in summary["trials"]}
+    states = {t.arm: t.state for t in summary.trials}
     assert states == {"warp_only": "COMPLETE", "classical_fill": "COMPLETE", "broken": "FAIL"}
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep-fast_grid")
@@ -141,7 +141,7 @@ def test_grid_runs_every_arm_and_records_the_failing_one(fast_sweep):
 def test_rerunning_a_sweep_retries_only_what_failed(fast_sweep):
     path, storage, uri, root, _ = fast_sweep
     summary = run_sweep(path, storage=storage, tracking_uri=uri, output_root=root)
-    arms = [t["arm"] for t in summary["trials"]]
+    arms = [t.arm for t in summary.trials]
     assert arms.count("warp_only") == 1 and arms.count("classical_fill") == 1  # finished: not redone
     assert arms.count("broken") == 2  # the failed arm was tried once more (and fails again)
 
