@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_m2s import convert as convert_mod
 from lightning_m2s.cli import main as cli_main
-from lightning_m2s.convert import ConvertOptions, boundary_jumps, chunk_schedule, convert, ramp, refine_latent, tile_starts
+from lightning_m2s.convert import (
+    ConvertOptions, boundary_jumps, chunk_schedule, convert, model_alignment, ramp, refine_latent, tile_starts,
+)
+from lightning_m2s.convert import refine as refine_stage  # where the model stage looks refine_latent up
 from lightning_m2s.data.sources.synthetic import SyntheticSource
 from lightning_m2s.data.video_io import read_frames, video_info, write_video
 from lightning_m2s.depth import (
@@ -271,7 +273,7 @@ def test_output_format_frame_sizes(tmp_path, clip, model, layout, size):
     report = convert(clip.video, None, tmp_path / f"{layout}.mp4", depth=clip.npz, model=model, format=layout, **QUICK)
     info = video_info(tmp_path / f"{layout}.mp4")
     assert (info.num_frames, info.height, info.width) == (6, *size)
-    assert report["format"] == layout and report["frames"] == 6
+    assert report.format == layout and report.frames == 6
 
 
 def test_odd_frame_sizes_are_padded_and_cropped_back(tmp_path, model):
@@ -282,21 +284,21 @@ def test_odd_frame_sizes_are_padded_and_cropped_back(tmp_path, model):
                          format="sbs", progress=False)
         info = video_info(tmp_path / f"o{h}x{w}.mp4")
         assert (info.num_frames, info.height, info.width) == (4, h, 2 * w)
-        align = convert_mod.model_alignment(model)[0]  # 8 px for the tiny default (4x VAE, 2x UNet)
-        assert report["padded"] == [-(-h // align) * align, -(-w // align) * align]
+        align = model_alignment(model)[0]  # 8 px for the tiny default (4x VAE, 2x UNet)
+        assert report.padded == [-(-h // align) * align, -(-w // align) * align]
 
 
 def test_long_video_runs_in_bounded_autoregressive_chunks(tmp_path, model, monkeypatch):
     video, depth = make_video(tmp_path, 17, 32, 32)
     np.save(tmp_path / "d.npy", depth)
     calls = []
-    real = convert_mod.refine_latent
+    real = refine_stage.refine_latent
 
     def spy(m, left, warped, mask, **kw):
         calls.append((left.shape[0], warped.clone(), mask.clone()))
         return real(m, left, warped, mask, **kw)
 
-    monkeypatch.setattr(convert_mod, "refine_latent", spy)
+    monkeypatch.setattr(refine_stage, "refine_latent", spy)
     decoded = []
     real_decode = type(model).decode
     monkeypatch.setattr(type(model), "decode", lambda self, z, n=None: decoded.append(real_decode(self, z, n)) or decoded[-1])
@@ -304,7 +306,7 @@ def test_long_video_runs_in_bounded_autoregressive_chunks(tmp_path, model, monke
                      chunk_frames=6, overlap_frames=2, **QUICK)
     assert video_info(tmp_path / "long.mp4").num_frames == 17
     schedule = chunk_schedule(17, 6, 2)  # (0, 6), (4, 10), (8, 14), (11, 17)
-    assert report["chunks"] == len(schedule) == len(calls) == 4 and all(t == 6 for t, _, _ in calls)
+    assert report.chunks == len(schedule) == len(calls) == 4 and all(t == 6 for t, _, _ in calls)
     # App. E: the known frames of chunk k are chunk k-1's generated frames, with an empty mask
     for k in range(1, len(schedule)):
         s, known, ps = schedule[k].start, schedule[k].known, schedule[k - 1].start
@@ -312,24 +314,24 @@ def test_long_video_runs_in_bounded_autoregressive_chunks(tmp_path, model, monke
         assert not mask[:known].any()
         expected = decoded[k - 1][0, s - ps : s - ps + known].clamp(-1, 1)
         torch.testing.assert_close(warped[:known], expected)
-    assert report["boundary_jump"] >= 0 and report["within_chunk_jump"] >= 0
+    assert report.boundary_jump >= 0 and report.within_chunk_jump >= 0
 
 
 def test_one_covering_tile_equals_no_tiling(tmp_path, clip, model):
     a = convert(clip.video, None, tmp_path / "a.mp4", depth=clip.npz, model=model, format="right", **QUICK)
     b = convert(clip.video, None, tmp_path / "b.mp4", depth=clip.npz, model=model, format="right", tile=64, **QUICK)
-    assert b["tiles_per_chunk"] == 1
+    assert b.tiles_per_chunk == 1
     np.testing.assert_array_equal(read_frames(tmp_path / "a.mp4"), read_frames(tmp_path / "b.mp4"))
     c = convert(clip.video, None, tmp_path / "c.mp4", depth=clip.npz, model=model, format="right", tile=32,
                 tile_overlap=16, **QUICK)
-    assert c["tiles_per_chunk"] == 3 and video_info(tmp_path / "c.mp4").num_frames == 6  # 32x64: columns at 0, 16, 32
+    assert c.tiles_per_chunk == 3 and video_info(tmp_path / "c.mp4").num_frames == 6  # 32x64: columns at 0, 16, 32
 
 
 def test_failed_conversion_leaves_no_partial_file(tmp_path, clip, model, monkeypatch):
     out = tmp_path / "out.mp4"
     out.write_bytes(b"previous result")
     calls = []
-    real = convert_mod.refine_latent
+    real = refine_stage.refine_latent
 
     def fail_second(*args, **kwargs):  # the first chunk is written, the second fails
         calls.append(1)
@@ -337,7 +339,7 @@ def test_failed_conversion_leaves_no_partial_file(tmp_path, clip, model, monkeyp
             raise DataError("simulated failure in chunk 2")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(convert_mod, "refine_latent", fail_second)
+    monkeypatch.setattr(refine_stage, "refine_latent", fail_second)
     with pytest.raises(DataError, match="simulated"):
         convert(clip.video, None, out, depth=clip.npz, model=model, chunk_frames=4, overlap_frames=1, **QUICK)
     assert out.read_bytes() == b"previous result"
@@ -385,7 +387,7 @@ def test_errors_name_the_file(tmp_path, clip, checkpoint, model, capsys):
 def test_convert_with_a_local_depth_model(tmp_path, clip, model, tiny_depth_model):
     report = convert(clip.video, None, tmp_path / "o.mp4", depth_model=tiny_depth_model, model=model, format="anaglyph",
                      save_intermediates=str(tmp_path / "inter"), **QUICK)
-    assert report["frames"] == 6 and video_info(tmp_path / "o.mp4").num_frames == 6
+    assert report.frames == 6 and video_info(tmp_path / "o.mp4").num_frames == 6
     assert np.load(tmp_path / "inter" / "depth.npy").shape == (6, 32, 64)
 
 

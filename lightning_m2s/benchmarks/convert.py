@@ -20,6 +20,7 @@ measures the pipeline around it). `m2s bench convert_memory`: peak RSS against v
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,7 +92,8 @@ def _child(video: str, depth: str, warm_video: str, warm_depth: str, checkpoint:
     convert(warm_video, None, out, depth=warm_depth, model=model, **kw)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    report = convert(video, None, out, depth=depth, model=model, tile=int(tile) if tile != "none" else None, **kw)
+    tile_px = int(tile) if tile != "none" else None
+    report = dataclasses.asdict(convert(video, None, out, depth=depth, model=model, tile=tile_px, **kw))  # printed as JSON
     report["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         report["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
