@@ -5,10 +5,16 @@ its changes; the chain ends at `experiments/base.yaml`, which has every key with
 beside it. Keys that are not in the base are errors naming the key and the file, so a typo never
 silently does nothing. A mapping that is empty (`{}`) in the base is free-form (e.g. keyword
 arguments passed through to a library); everything else is checked.
+
+base.yaml is also the only place a default is written: code that builds from a partial section (a
+module's `loss:`, the refiner's `model:`) fills it with `defaults(section)`.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,10 +27,17 @@ from lightning_m2s.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the package's checkout: experiments/, sweeps/, notebooks/
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+BASE_FILE = EXPERIMENTS_DIR / "base.yaml"
 SWEEPS_DIR = PROJECT_ROOT / "sweeps"
 MAX_CHAIN = 16
 ROOT_ENV = "M2S_ROOT"
 NUMBER_OR_LIST = {"module.eval.steps"}  # keys that take one number or a list of numbers
+# Project keys that lived in `trainer:` (now Lightning's keyword arguments only): an older experiment file or
+# command line still works, with a warning naming the new key.
+MOVED_KEYS = {f"trainer.{old}": f"checkpoint.{new}" for old, new in [
+    ("monitor", "monitor"), ("monitor_mode", "monitor_mode"), ("resume", "resume"),
+    ("checkpoint_every_n_steps", "every_n_steps"), ("init_from", "init_from")]}
+log = logging.getLogger(__name__)
 
 
 def work_root() -> Path:
@@ -51,6 +64,41 @@ def resolve_file(name: str | Path, folder: Path, kind: str) -> Path:
             return path.resolve()
     available = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
     raise ConfigError(f"no {kind} named {str(name)!r} (looked in {folder}); available: {available}")
+
+
+@functools.cache
+def _base_defaults() -> dict:
+    cfg = _read_yaml(BASE_FILE)
+    cfg.pop("base_config", None)
+    return to_container(cfg)
+
+
+def defaults(section: str) -> dict:
+    """One section of experiments/base.yaml, resolved, as a new dict: defaults("model"), defaults("module.loss")."""
+    node = _base_defaults()
+    for key in section.split("."):
+        node = node[key]
+    return copy.deepcopy(node)
+
+
+def with_defaults(section: str, given: dict | None) -> dict:
+    """`given` (a partial config section) over base.yaml's defaults of `section`; an unknown key is an error."""
+    settings = defaults(section)
+    unknown = sorted(set(given or {}) - set(settings))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; known keys: {sorted(settings)}")
+    return {**settings, **(given or {})}
+
+
+def _moved_keys(update: DictConfig, source: str) -> DictConfig:
+    """`update` with the keys of MOVED_KEYS under their new names (a warning names each)."""
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if section in update and isinstance(update[section], DictConfig) and key in update[section]:
+            log.warning("%s: %s is now %s", source, old, new)
+            value = update[section].pop(key)
+            OmegaConf.update(update, new, value, force_add=True)
+    return update
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -129,7 +177,7 @@ def load_config(experiment: str | Path, overrides: Iterable[str] = ()) -> DictCo
     _freeze_schema(cfg)
     base = cfg.copy()
     for file, update in chain[1:]:
-        cfg = _merge(cfg, update, str(file))
+        cfg = _merge(cfg, _moved_keys(update, str(file)), str(file))
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
@@ -138,7 +186,7 @@ def load_config(experiment: str | Path, overrides: Iterable[str] = ()) -> DictCo
         dotlist = OmegaConf.from_dotlist(overrides)
     except OmegaConfBaseException as err:
         raise ConfigError(f"command-line overrides: {err}") from err
-    cfg = _merge(cfg, dotlist, "command-line override")
+    cfg = _merge(cfg, _moved_keys(dotlist, "command line"), "command-line override")
     _check_types(base, cfg)
     try:
         OmegaConf.resolve(cfg)

@@ -12,7 +12,7 @@ TINY = dict(
     val_sources=[{"name": "synthetic", "num_videos": 2, "size": [64, 64], "seed": 99},
                  {"name": "image_pairs", "num_clips": 2, "size": 64}],
     buckets=["2x32", {"frames": 3, "size": 16, "batch_size": 3}],
-    batch_size=2, train_batches=4, eval_frames=4, eval_size=32, close_kernel=5,
+    batch_size=2, train_batches=4, eval_frames=4, eval_size=32, close_kernel=5, num_workers=0,
 )
 
 

@@ -45,6 +45,34 @@ def test_unknown_key_in_a_file_names_file_and_key(tmp_path):
         load_config("tiny_typo")
 
 
+def test_every_default_is_written_once_in_base_yaml():
+    """The classes built from a config section take base.yaml's defaults; their signatures hold none."""
+    import inspect
+
+    import lightning as L
+
+    from lightning_m2s.data import StereoDataModule
+    from lightning_m2s.models.refiner import StereoRefiner
+
+    for cls in (StereoRefiner, StereoDataModule):
+        written = [p.name for p in inspect.signature(cls).parameters.values() if p.default is not p.empty]
+        assert written == [], f"{cls.__name__} writes defaults of its own: {written}"
+    base = load_config("base")
+    assert StereoDataModule().num_workers == base.data.num_workers
+    assert build_refiner(pretrained=None).cond_aug_eval == base.model.cond_aug_eval
+    assert set(base.trainer) <= set(inspect.signature(L.Trainer).parameters)  # Lightning's keys only
+
+
+def test_keys_moved_out_of_trainer_still_work_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base_config: {EXPERIMENTS_DIR / 'debug.yaml'}\ntrainer:\n  checkpoint_every_n_steps: 7\n")
+    cfg = load_config(old, ["trainer.init_from=/some/best.ckpt"])
+    assert (cfg.checkpoint.every_n_steps, cfg.checkpoint.init_from) == (7, "/some/best.ckpt")
+    assert "init_from" not in cfg.trainer
+    assert "trainer.init_from is now checkpoint.init_from" in caplog.text
+    assert "trainer.checkpoint_every_n_steps is now checkpoint.every_n_steps" in caplog.text
+
+
 @pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "svd_xt"])
 def test_one_step_of_each_experiment(name, tmp_path):
     metrics = train(load_config(name, SMOKE + store_overrides(tmp_path)))

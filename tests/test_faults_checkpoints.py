@@ -79,7 +79,7 @@ def test_a_full_output_disk_is_one_line_naming_the_checkpoint_and_the_leftover_t
     leftover.parent.mkdir()
     leftover.write_bytes(b"\0" * 1000)  # from a save killed mid-write
     db = tmp_path / "mlflow.db"
-    proc = subprocess.run(M2S + ["train", "debug", "trainer.checkpoint_every_n_steps=1", f"meta.output_dir={out}",
+    proc = subprocess.run(M2S + ["train", "debug", "checkpoint.every_n_steps=1", f"meta.output_dir={out}",
                                  f"tracking.uri=sqlite:///{db}"], env={**ENV, "M2S_ROOT": str(tmp_path)},
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_a_full_output_disk_is_one_line_naming_the_checkpoint_and_the_leftover_t
 def test_a_small_tmpdir_does_not_break_the_saves(tmp_path, small_disk):
     tmpdir = small_disk("tmpdir", "1m")
     out = tmp_path / "out"
-    proc = subprocess.run(M2S + ["train", "debug", "trainer.checkpoint_every_n_steps=1", f"meta.output_dir={out}",
+    proc = subprocess.run(M2S + ["train", "debug", "checkpoint.every_n_steps=1", f"meta.output_dir={out}",
                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
                           env={**ENV, "M2S_ROOT": str(tmp_path), "TMPDIR": str(tmpdir)}, capture_output=True, text=True,
                           cwd=tmp_path, timeout=600)

@@ -68,7 +68,7 @@ def task_pid(controller: int) -> int:
 @pytest.mark.slow  # two starts of the whole stack and a short training: about a minute on 2 cores
 def test_a_preempted_submitit_job_is_requeued_and_its_trial_resumes_from_last_ckpt(tmp_path, monkeypatch):
     grid = {"study": "preempt", "experiment": "debug", "arms": {"train": {}},
-            "overrides": {"trainer.max_steps": 4, "data.train_batches": 4, "trainer.checkpoint_every_n_steps": 1,
+            "overrides": {"trainer.max_steps": 4, "data.train_batches": 4, "checkpoint.every_n_steps": 1,
                           "data.val_clips": 1, "trainer.enable_progress_bar": False},
             "objective": {"metric": "test/synthetic/psnr", "direction": "maximize"}}
     (tmp_path / "preempt.yaml").write_text(yaml.safe_dump(grid))

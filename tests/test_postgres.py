@@ -38,7 +38,7 @@ M2S = [sys.executable, "-m", "lightning_m2s.cli"]
 # training-free floors. Heartbeats every second: a dead worker's trial is retried 5 s after its last one.
 GRID = {
     "study": "team", "experiment": "debug", "sampler": "grid",
-    "arms": {"train": {"trainer.max_steps": 4, "data.train_batches": 4, "trainer.checkpoint_every_n_steps": 1},
+    "arms": {"train": {"trainer.max_steps": 4, "data.train_batches": 4, "checkpoint.every_n_steps": 1},
              "warp": {"module.variant": "warp_only"}, "fill": {"module.variant": "classical_fill"}},
     "seeds": [0], "objective": {"metric": "test/synthetic/psnr", "direction": "maximize"},
     "overrides": {"data.val_clips": 1, "trainer.enable_progress_bar": False},

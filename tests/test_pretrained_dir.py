@@ -56,6 +56,6 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="unknown key"):
         build_refiner(full_atention=True)
     with pytest.raises(ConfigError, match="attention_policy"):
-        build_refiner(attention_policy="nearest")
+        build_refiner(pretrained=None, attention_policy="nearest")
     with pytest.raises(ConfigError, match="needs model.pretrained"):
-        build_refiner(embedding="clip")
+        build_refiner(pretrained=None, embedding="clip")

@@ -18,7 +18,7 @@ def batch(B=1, T=3, S=32, seed=0):
 
 @pytest.fixture(scope="module")
 def model():
-    return build_refiner(vae=VAE)
+    return build_refiner(pretrained=None, vae=VAE)
 
 
 def test_conditioning_layout(model):
@@ -66,7 +66,7 @@ def test_end_to_end_gradients_reach_only_the_unet(model):
 
 def test_left_condition_off_and_full_attention_off():
     left, warped, _, mask = batch()
-    model = build_refiner(vae=VAE, left_condition=False, full_attention=False).eval()
+    model = build_refiner(pretrained=None, vae=VAE, left_condition=False, full_attention=False).eval()
     cond = model.build_conditioning(left, warped, mask)
     assert cond.latents.shape[2] == 5 and model.unet.conv_in.in_channels == 9
     assert model.attention is None and cond.hole_mask is None
@@ -83,8 +83,8 @@ def test_left_condition_off_and_full_attention_off():
 
 def test_full_attention_changes_output_only_inside_clip_context():
     left, warped, _, mask = batch(T=2)
-    on = build_refiner(vae=VAE, seed=1).eval()
-    off = build_refiner(vae=VAE, seed=1, full_attention=False).eval()
+    on = build_refiner(pretrained=None, vae=VAE, seed=1).eval()
+    off = build_refiner(pretrained=None, vae=VAE, seed=1, full_attention=False).eval()
     with torch.no_grad():
         c = on.build_conditioning(left, warped, mask, cond_aug=0.0)
         a, b = on.predict_one_step(c), off.predict_one_step(c)
@@ -94,7 +94,7 @@ def test_full_attention_changes_output_only_inside_clip_context():
 
 
 def test_gradient_checkpointing_option():
-    model = build_refiner(vae=VAE, gradient_checkpointing=True).train()
+    model = build_refiner(pretrained=None, vae=VAE, gradient_checkpointing=True).train()
     assert model.unet.is_gradient_checkpointing
     left, warped, right, mask = batch()
     cond = model.build_conditioning(left, warped, mask)
@@ -106,17 +106,17 @@ def test_model_sees_the_dilated_mask():
     left, warped, _, mask = batch()
     mask = torch.zeros_like(mask)
     mask[..., 12:14, 12:14] = True  # a 2x2 hole
-    plain = build_refiner(vae=VAE, mask_dilation=1).eval()
-    dilated = build_refiner(vae=VAE, mask_dilation=3).eval()
+    plain = build_refiner(pretrained=None, vae=VAE, mask_dilation=1).eval()
+    dilated = build_refiner(pretrained=None, vae=VAE, mask_dilation=3).eval()
     a = plain.build_conditioning(left, warped, mask, cond_aug=0.0)
     b = dilated.build_conditioning(left, warped, mask, cond_aug=0.0)
     assert a.hole_mask.sum() == 3 * 4 and b.hole_mask.sum() == 3 * 16  # 2x2 -> 4x4 per frame
     assert (b.latents[:, :, 8] > a.latents[:, :, 8]).any()
     assert torch.equal(a.latents[:, :, :8], b.latents[:, :, :8])
     with pytest.raises(ConfigError, match="mask_dilation"):
-        build_refiner(vae=VAE, mask_dilation=2)
+        build_refiner(pretrained=None, vae=VAE, mask_dilation=2)
     with pytest.raises(ConfigError, match="model.attention_kv"):
-        build_refiner(vae=VAE, attention_kv="raw")
+        build_refiner(pretrained=None, vae=VAE, attention_kv="raw")
 
 
 @pytest.mark.parametrize("steps", [1, 3])

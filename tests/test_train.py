@@ -166,7 +166,7 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path):
     train(load_config("debug", first))
     source = tmp_path / "first" / "checkpoints" / "last.ckpt"
     # lr 0: the fine-tune's one step leaves the weights as loaded
-    tune = FAST + store_overrides(tmp_path) + ["trainer.max_steps=1", "optim.lr=0", f"trainer.init_from={source}",
+    tune = FAST + store_overrides(tmp_path) + ["trainer.max_steps=1", "optim.lr=0", f"checkpoint.init_from={source}",
                                                f"meta.output_dir={tmp_path / 'tune'}", "module.long_video.probability=1"]
     train(load_config("debug", tune))
     a = torch.load(source, map_location="cpu", weights_only=False)
@@ -175,7 +175,7 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path):
     unet = [k for k in a["state_dict"] if k.startswith("model.unet.")]
     assert unet and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in unet)
     with pytest.raises(ModelError, match="absent.ckpt does not exist"):
-        train(load_config("debug", tune + [f"trainer.init_from={tmp_path / 'absent.ckpt'}", f"meta.output_dir={tmp_path / 'x'}"]))
+        train(load_config("debug", tune + [f"checkpoint.init_from={tmp_path / 'absent.ckpt'}", f"meta.output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ModelError, match="do not fit"):  # 9-channel model from a 13-channel checkpoint
         train(load_config("debug", tune + ["model.left_condition=false", f"meta.output_dir={tmp_path / 'y'}"]))
 
@@ -184,7 +184,7 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path):
 def test_long_video_augment_makes_n_frames_known_per_batch(positions):
     from lightning_m2s.modules.latent_only import LatentOnlyModule
 
-    module = LatentOnlyModule(model=dict(vae=dict(block_out_channels=(32, 32, 32, 32))),
+    module = LatentOnlyModule(model=dict(pretrained=None, vae=dict(block_out_channels=(32, 32, 32, 32))),
                               long_video=dict(probability=1.0, positions=positions))
     g = torch.Generator().manual_seed(0)
     clips = [make_clip(torch.rand(6, 3, 16, 16, generator=g) * 2 - 1, torch.rand(6, 3, 16, 16, generator=g) * 2 - 1,

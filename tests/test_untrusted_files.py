@@ -46,7 +46,7 @@ def test_init_from_a_crafted_checkpoint_never_runs(tmp_path):
 
     target = tmp_path / "pwned"
     ckpt = crafted_checkpoint(tmp_path / "evil.ckpt", target)
-    cfg = load_config("debug", [f"trainer.init_from={ckpt}", *store_overrides(tmp_path)])
+    cfg = load_config("debug", [f"checkpoint.init_from={ckpt}", *store_overrides(tmp_path)])
     with pytest.raises(ModelError, match="evil.ckpt"):
         train(cfg)
     assert not target.exists()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import lightning as L
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
+from lightning_m2s.config import with_defaults
 from lightning_m2s.data.buckets import BucketBatchSampler, parse_buckets
 from lightning_m2s.data.clip import collate_clips
 from lightning_m2s.data.dataset import StereoClipDataset, build_sources
@@ -45,50 +44,32 @@ class StereoDataModule(L.LightningDataModule):
     Every source entry is {name, weight (train mixing, default 1), clips (eval cap), **source options}.
     """
 
-    def __init__(
-        self,
-        train_sources: Sequence[dict] | None = None,
-        val_sources: Sequence[dict] | None = None,
-        test_sources: Sequence[dict] | None = None,
-        buckets: Sequence = None,
-        batch_size: int = 2,
-        train_batches: int = 100,
-        train_fps: float | Sequence[float] = (5, 30),
-        crop_scale: Sequence[float] = (0.3, 1.0),
-        eval_frames: int = 16,
-        eval_size: int = 128,
-        eval_fps: float = 5.0,
-        eval_batch_size: int = 1,
-        val_clips: int | None = None,
-        test_clips: int | None = None,
-        close_kernel: int = 11,
-        splat: str = "nearest",
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 23,
-    ):
+    def __init__(self, **settings):
+        """`settings`: the `data:` config section; a key not given takes experiments/base.yaml's default."""
         super().__init__()
-        self.train_sources = DEFAULT_TRAIN if train_sources is None else list(train_sources)
-        self.val_sources = DEFAULT_VAL if val_sources is None else list(val_sources)
-        self.test_sources = DEFAULT_TEST if test_sources is None else list(test_sources)
-        self.buckets = parse_buckets(DEFAULT_BUCKETS if buckets is None else buckets, key="data.buckets")
-        if batch_size < 1 or eval_batch_size < 1 or train_batches < 1 or num_workers < 0:
+        s = with_defaults("data", settings)
+        self.train_sources = DEFAULT_TRAIN if s["train_sources"] is None else list(s["train_sources"])
+        self.val_sources = DEFAULT_VAL if s["val_sources"] is None else list(s["val_sources"])
+        self.test_sources = DEFAULT_TEST if s["test_sources"] is None else list(s["test_sources"])
+        self.buckets = parse_buckets(DEFAULT_BUCKETS if s["buckets"] is None else s["buckets"], key="data.buckets")
+        if s["batch_size"] < 1 or s["eval_batch_size"] < 1 or s["train_batches"] < 1 or s["num_workers"] < 0:
             raise ConfigError(
                 "data.batch_size, data.eval_batch_size, data.train_batches must be >= 1 and data.num_workers >= 0"
             )
-        if close_kernel < 0 or (close_kernel > 1 and close_kernel % 2 == 0):
-            raise ConfigError(f"data.close_kernel must be odd (or 0/1 for none), got {close_kernel}")
-        if splat not in SPLATS:
-            raise ConfigError(f"data.splat {splat!r} must be one of {sorted(SPLATS)}")
-        self.splat = splat
-        lo, hi = crop_scale
+        if s["close_kernel"] < 0 or (s["close_kernel"] > 1 and s["close_kernel"] % 2 == 0):
+            raise ConfigError(f"data.close_kernel must be odd (or 0/1 for none), got {s['close_kernel']}")
+        if s["splat"] not in SPLATS:
+            raise ConfigError(f"data.splat {s['splat']!r} must be one of {sorted(SPLATS)}")
+        self.splat = s["splat"]
+        lo, hi = s["crop_scale"]
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
-        self.batch_size, self.train_batches = int(batch_size), int(train_batches)
-        self.train_fps, self.crop_scale = train_fps, tuple(crop_scale)
-        self.eval = {"eval_frames": int(eval_frames), "eval_size": int(eval_size), "eval_fps": float(eval_fps)}
-        self.eval_batch_size, self.val_clips, self.test_clips = int(eval_batch_size), val_clips, test_clips
-        self.close_kernel, self.num_workers, self.pin_memory, self.seed = int(close_kernel), int(num_workers), pin_memory, int(seed)
+            raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(s['crop_scale'])}")
+        self.batch_size, self.train_batches = int(s["batch_size"]), int(s["train_batches"])
+        self.train_fps, self.crop_scale = s["train_fps"], tuple(s["crop_scale"])
+        self.eval = {"eval_frames": int(s["eval_frames"]), "eval_size": int(s["eval_size"]), "eval_fps": float(s["eval_fps"])}
+        self.eval_batch_size, self.val_clips, self.test_clips = int(s["eval_batch_size"]), s["val_clips"], s["test_clips"]
+        self.close_kernel, self.num_workers = int(s["close_kernel"]), int(s["num_workers"])
+        self.pin_memory, self.seed = s["pin_memory"], int(s["seed"])
         self._datasets: dict[str, StereoClipDataset] = {}
 
     def dataset(self, split: str) -> StereoClipDataset:

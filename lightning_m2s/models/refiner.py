@@ -1,7 +1,7 @@
 """StereoRefiner: the M2SVid model (SVD UNet + frozen VAE + frame embedding + disocclusion attention).
 
 Training modules use it as:
-    model = build_refiner(**cfg.model)                       # plain keys, see REFINER_DEFAULTS
+    model = build_refiner(**cfg.model)                       # plain keys, see experiments/base.yaml
     cond = model.build_conditioning(left, warped, mask)      # [B,T,3,H,W] in [-1,1], mask bool [B,T,1,H,W]
     z = model.encode_target(right)                           # [B,T,c,H/d,W/d], sampled x scaling factor
     z_hat = model.predict_one_step(cond)                     # Eq. 4
@@ -13,12 +13,14 @@ Training modules use it as:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_m2s.config import with_defaults
 from lightning_m2s.errors import ConfigError, ModelError
 from lightning_m2s.geometry import dilate_mask
 from lightning_m2s.models import unet as unet_lib
@@ -27,36 +29,7 @@ from lightning_m2s.models.embedded import resolve_pretrained
 from lightning_m2s.models.embedding import POOLED_SUBFOLDER, CLIPFrameEmbedding, PooledFrameEmbedding, added_time_ids
 from lightning_m2s.models.pretrained import check_svd_directory
 from lightning_m2s.models.vae import TINY_VAE_CONFIG, FrozenVideoVAE
-from lightning_m2s.objective import SIGMA_MAX, SIGMA_MIN, Denoiser
-
-# The `model:` config section: every key, its default, and why.
-REFINER_DEFAULTS = dict(
-    pretrained=None,  # "embedded" (the shipped tiny SVD) or a local SVD dir in diffusers format (img2vid-xt); None = random tiny
-    variant=None,  # weight-file variant of the pretrained dir, e.g. "fp16"
-    unet=None,  # dict overriding TINY_UNET_CONFIG (tiny default only)
-    vae=None,  # dict overriding TINY_VAE_CONFIG (tiny default only)
-    vae_path=None,  # a saved AutoencoderKLTemporalDecoder dir (e.g. the cached tiny VAE); wins over the above
-    embedding=None,  # "clip" | "pooled"; None = clip with `pretrained`, pooled (stand-in) otherwise
-    left_condition=True,  # E(V_l) in conv_in: 3c + 1 channels (13 for SVD); False = 2c + 1 (Table 4 ablation)
-    full_attention=True,  # disocclusion tokens attend to the whole clip (Sec. 5.3)
-    attention_policy="area",  # token mask per layer: area | any | bilinear (released), see attention.py
-    attention_threshold=0.5,  # "area": hole fraction of a token's cell above this
-    attention_max_tokens_per_frame=None,  # released training cap 512 (x T per clip, random); training only
-    attention_kv="pre_norm",  # keys/values of the full clip attention: pre_norm (released) | normed (cheaper)
-    mask_dilation=3,  # square dilation of the closed mask before the model sees it (released: 3); 1 = none
-    mask_resize="bilinear",  # conditioning mask (+1 hole / -1 known) -> latent grid: bilinear (released) | area | max
-    motion_bucket_id=127,  # SVD's default motion bucket
-    cond_aug_log_mean=-3.0,  # training cond_aug = exp(mean + std * N(0, 1)) (released)
-    cond_aug_log_std=0.5,
-    cond_aug_eval=0.02,  # validation / inference cond_aug
-    sigma_min=SIGMA_MIN,  # img2vid-xt scheduler
-    sigma_max=SIGMA_MAX,  # one-step prediction noise level (t = T)
-    gradient_checkpointing=False,  # unet.enable_gradient_checkpointing (paper: on)
-    autocast_dtype=None,  # None (fp32) | "bfloat16" | "float16": autocast around model calls (GPU)
-    encode_chunk_size=16,  # frames per VAE encoder call
-    decode_chunk_size=None,  # frames per temporal-decoder call; None = whole clip (released training)
-    seed=0,  # init of the tiny default's random weights
-)
+from lightning_m2s.objective import Denoiser
 
 AUTOCAST_DTYPES = {None: None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MASK_RESIZE = ("bilinear", "area", "max")
@@ -85,22 +58,23 @@ class StereoRefiner(nn.Module):
         unet,
         vae: FrozenVideoVAE,
         embedding: nn.Module,
-        left_condition: bool = True,
-        full_attention: bool = True,
-        attention_policy: str = "area",
-        attention_threshold: float = 0.5,
-        attention_max_tokens_per_frame: int | None = None,
-        attention_kv: str = "pre_norm",
-        mask_dilation: int = 3,
-        mask_resize: str = "bilinear",
-        motion_bucket_id: float = 127,
-        cond_aug_log_mean: float = -3.0,
-        cond_aug_log_std: float = 0.5,
-        cond_aug_eval: float = 0.02,
-        sigma_min: float = SIGMA_MIN,
-        sigma_max: float = SIGMA_MAX,
-        gradient_checkpointing: bool = False,
-        autocast_dtype: str | None = None,
+        *,  # the `model:` settings: experiments/base.yaml says what each is, and its default
+        left_condition: bool,
+        full_attention: bool,
+        attention_policy: str,
+        attention_threshold: float,
+        attention_max_tokens_per_frame: int | None,
+        attention_kv: str,
+        mask_dilation: int,
+        mask_resize: str,
+        motion_bucket_id: float,
+        cond_aug_log_mean: float,
+        cond_aug_log_std: float,
+        cond_aug_eval: float,
+        sigma_min: float,
+        sigma_max: float,
+        gradient_checkpointing: bool,
+        autocast_dtype: str | None,
     ):
         super().__init__()
         # 1. Validate early
@@ -273,11 +247,8 @@ class StereoRefiner(nn.Module):
 
 
 def build_refiner(**kwargs) -> StereoRefiner:
-    """Build the refiner from the `model:` config section (keys and defaults: REFINER_DEFAULTS)."""
-    unknown = sorted(set(kwargs) - set(REFINER_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"model: unknown key(s) {unknown}; known keys: {sorted(REFINER_DEFAULTS)}")
-    cfg = {**REFINER_DEFAULTS, **kwargs}
+    """Build the refiner from the `model:` config section; keys not given take base.yaml's defaults."""
+    cfg = with_defaults("model", kwargs)
     pretrained = cfg["pretrained"]
     if pretrained is not None:  # "embedded": the shipped tiny SVD, hash-checked; else a local directory
         pretrained = resolve_pretrained(pretrained)
@@ -318,5 +289,5 @@ def build_refiner(**kwargs) -> StereoRefiner:
     else:
         embedding = PooledFrameEmbedding(dim=unet.config.cross_attention_dim, seed=cfg["seed"])
 
-    skip = {"pretrained", "variant", "unet", "vae", "vae_path", "embedding", "encode_chunk_size", "decode_chunk_size", "seed"}
-    return StereoRefiner(unet, vae, embedding, **{k: v for k, v in cfg.items() if k not in skip})
+    settings = [p.name for p in inspect.signature(StereoRefiner).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    return StereoRefiner(unet, vae, embedding, **{k: cfg[k] for k in settings})  # the rest built the parts
