@@ -47,15 +47,15 @@ def write_previews(previews: list[dict], folder: Path, stage: str, step: int) ->
 
 
 class MediaLogger(L.Callback):
-    """Logs the module's `previews` (filled during evaluation) to the run's artifacts."""
+    """Logs the module's previews (its recorder fills them during evaluation) to the run's artifacts."""
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, module, stage: str) -> None:
         logger = trainer.logger
-        if logger is None or not getattr(module, "previews", None) or trainer.sanity_checking:
+        if logger is None or not module.recorder.previews or trainer.sanity_checking:
             return
         with tempfile.TemporaryDirectory() as tmp:
-            for path, artifact_dir in write_previews(module.previews, Path(tmp), stage, trainer.global_step):
+            for path, artifact_dir in write_previews(module.recorder.previews, Path(tmp), stage, trainer.global_step):
                 logger.experiment.log_artifact(logger.run_id, str(path), artifact_dir)
 
     def on_validation_epoch_end(self, trainer, module) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from lightning_m2s import tags
 from lightning_m2s.config import to_container
 from lightning_m2s.data.datamodule import StereoDataModule
 from lightning_m2s.files import write_json
@@ -33,7 +34,7 @@ def test_module(module, cfg: DictConfig) -> tuple[dict[str, float], list[dict]]:
                         enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
                         limit_test_batches=cfg.trainer.limit_test_batches)
     results = trainer.test(module, datamodule=StereoDataModule(**to_container(cfg.data)), verbose=False)
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}, module.per_clip
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}, module.recorder.per_clip
 
 
 def logged_metrics(cfg: DictConfig) -> set[str]:
@@ -52,7 +53,7 @@ def logged_metrics(cfg: DictConfig) -> set[str]:
     keys = {"val/loss"} if trains else set()
     for stage in ("val", "test") if trains else ("test",):
         entries = defaults[stage] if sources[stage] is None else to_container(sources[stage])
-        counts = steps if stage == "test" and trains else steps[:1]  # as StereoModule._stage_steps
+        counts = steps if stage == "test" and trains else steps[:1]  # as the module's step_counts
         keys |= {f"{stage}/steps", f"{stage}/latency_s"}
         for dataset in {dataset_name({"source": e["name"]}) for e in entries}:
             keys |= {f"{stage}/{dataset}/{name}" for name in names}
@@ -123,8 +124,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bo
 
     client = tracking.client(cfg.tracking.uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    tags = {"m2s.kind": "evaluate", "m2s.checkpoint": str(checkpoint.resolve()), **tracking.metric_tags(cfg)}
-    run_id = client.create_run(exp_id, run_name=f"evaluate-{checkpoint.stem}", tags=tags).info.run_id
+    run_tags = {tags.KIND: tags.EVALUATE, tags.CHECKPOINT: str(checkpoint.resolve()), **tracking.metric_tags(cfg)}
+    run_id = client.create_run(exp_id, run_name=f"evaluate-{checkpoint.stem}", tags=run_tags).info.run_id
     try:
         tracking.log_config(client, run_id, cfg)
         metrics, per_clip = test_module(module, cfg)
@@ -136,8 +137,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: DictConfig, with_floors: bo
         for i in range(0, len(logged), 500):  # MLflow's batch limit
             client.log_batch(run_id, metrics=logged[i : i + 500])
         rows = {"rows": per_clip, "floors": {variant: r["per_clip"] for variant, r in floor_results.items()}}
-        if module.per_clip_by_steps:
-            rows["by_steps"] = {str(n): r for n, r in module.per_clip_by_steps.items()}
+        if module.recorder.per_clip_by_steps:
+            rows["by_steps"] = {str(n): r for n, r in module.recorder.per_clip_by_steps.items()}
         out = work_root() / "outputs" / "evaluate" / f"{checkpoint.stem}-{run_id[:8]}"
         write_json(out / "test_per_clip.json", rows)
         client.log_artifact(run_id, str(out / "test_per_clip.json"), "metrics")

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_m2s import tracking
+from lightning_m2s import tags, tracking
 from lightning_m2s.callbacks import MediaLogger
 from lightning_m2s.checkpoints import (AtomicCheckpointIO, LastCheckpoint, SignalLog, interrupt_signal, remove_temporaries,
                                        resumable_checkpoint)
@@ -49,6 +49,8 @@ def build_module(cfg: DictConfig):
         raise ConfigError(f"module.eval.ms_ssim=released needs data.eval_size > {RELEASED_MS_SSIM_MIN_SIDE} "
                           f"(pytorch_msssim's bound), got {cfg.data.eval_size}; use per_frame")
     cls = module_class(cfg.module.variant)
+    if not cls.trains:  # a floor: it only predicts
+        return cls(eval=to_container(cfg.module.eval))
     return cls(
         model=to_container(cfg.model), optim=to_container(cfg.optim), loss=to_container(cfg.module.loss),
         eval=to_container(cfg.module.eval), long_video=to_container(cfg.module.long_video),
@@ -72,7 +74,7 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = cfg.tracking.run_id
     id_file = out / "mlflow_run_id"
-    if not run_id and cfg.trainer.resume and id_file.exists():
+    if not run_id and cfg.checkpoint.resume and id_file.exists():
         run_id = id_file.read_text().strip()
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(client, cfg.tracking.experiment, cfg.tracking.artifact_root)
@@ -83,13 +85,13 @@ def _logger(cfg: DictConfig, out: Path) -> MLFlowLogger:
         run_id = None
     if not run_id:
         run = client.create_run(exp_id, run_name=cfg.meta.run_name or cfg.meta.experiment, tags={
-            "m2s.kind": "train", "m2s.experiment": cfg.meta.experiment, "m2s.git_commit": tracking.git_commit(),
+            tags.KIND: tags.TRAIN, tags.EXPERIMENT: cfg.meta.experiment, tags.GIT_COMMIT: tracking.git_commit(),
         })
         run_id = run.info.run_id
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id)
     tracking.log_config(client, run_id, cfg)
-    client.set_tag(run_id, "m2s.variant", cfg.module.variant)
+    client.set_tag(run_id, tags.VARIANT, cfg.module.variant)
     for key, value in tracking.metric_tags(cfg).items():
         client.set_tag(run_id, key, value)
     return PatientMLFlowLogger(experiment_name=cfg.tracking.experiment, tracking_uri=uri, run_id=run_id,
@@ -116,65 +118,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.meta.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
-    out = output_dir(cfg)
-    remove_temporaries(out / "checkpoints")  # what a save killed mid-write left
-    if not cfg.trainer.resume and any((out / "checkpoints").glob("*.ckpt*")):
-        raise M2SError(f"{out / 'checkpoints'} holds checkpoints of an earlier run: set trainer.resume=true to "
-                       "continue it, or choose another meta.output_dir / meta.run_name")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-
+    out = _prepare_output(cfg)
     datamodule = StereoDataModule(**to_container(cfg.data))
     module = build_module(cfg)
     logger = _logger(cfg, out)
     logger.experiment.log_artifact(logger.run_id, str(out / "config.yaml"))
-
-    # best.ckpt here; last.ckpt is LastCheckpoint's alone
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last=False, monitor=cfg.trainer.monitor,
-                                 mode=cfg.trainer.monitor_mode, save_top_k=1, filename="best",
-                                 enable_version_counter=False)
-    last = LastCheckpoint(out / "checkpoints" / "last.ckpt", cfg.trainer.checkpoint_every_n_steps)
-    trainer_kwargs = to_container(cfg.trainer)
-    for key in ("monitor", "monitor_mode", "resume", "init_from", "checkpoint_every_n_steps"):
-        trainer_kwargs.pop(key)
-    callbacks = [checkpoint, last, MediaLogger()] if module.trains else [MediaLogger()]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
-    if "deepspeed" not in str(cfg.trainer.strategy):  # DeepSpeed writes checkpoint folders of its own
-        trainer_kwargs["plugins"] = [AtomicCheckpointIO()]
-    trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
-                        enable_checkpointing=module.trains, **trainer_kwargs)
+    trainer, best, last = _trainer(cfg, module, logger, out)
     signals = SignalLog()
     try:
-        validation = {}
-        if module.trains:
-            found = resumable_checkpoint(out / "checkpoints") if cfg.trainer.resume else None
-            ckpt_path = str(found) if found else None
-            if ckpt_path:
-                log.info("resuming from %s", ckpt_path)
-            elif cfg.trainer.init_from:  # fine-tuning: trained weights in, optimiser and step counter fresh
-                load_trained_weights(module.model, read_checkpoint(cfg.trainer.init_from)["state_dict"],
-                                     f"trainer.init_from {cfg.trainer.init_from}")
-                logger.experiment.set_tag(logger.run_id, "m2s.init_from", str(cfg.trainer.init_from))
-            with signals:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-            # The last validation's figures: what a hyperparameter search may select on (never test/).
-            validation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            if checkpoint.best_model_path:
-                logger.experiment.set_tag(logger.run_id, "m2s.checkpoint", checkpoint.best_model_path)
-        best = "best" if module.trains and checkpoint.best_model_path else None
+        validation = _fit(cfg, trainer, module, datamodule, logger, best, signals) if module.trains else {}
         with signals:
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best.best_model_path else None,
+                                   verbose=False, weights_only=True)
     except BaseException as err:
         signum = interrupt_signal(trainer, signals, err)
         if trainer.is_global_zero:
-            try:
-                if signum is not None:
-                    logger.experiment.set_tag(logger.run_id, "m2s.interrupted", signal.Signals(signum).name)
-                logger.experiment.set_terminated(logger.run_id, status="FAILED")
-            except Exception:  # noqa: BLE001 - the store failed too (read-only, gone): the run's own error counts
-                if tracking.store_failure(err, "") is None:
-                    log.warning("MLflow run %s could not be marked FAILED", logger.run_id)
+            _mark_failed(logger, err, signum)
         if signum is not None:
             raise Interrupted(signum, last.path if last.path.is_file() else None) from err
         raise
@@ -182,13 +141,71 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         # every clip's test metrics: what paired comparisons between runs need (lightning_m2s.stats); with
         # several eval step counts "rows" holds the first's and "by_steps" each count's
-        per_clip = {"rows": module.per_clip}
-        if module.per_clip_by_steps:
-            per_clip["by_steps"] = {str(n): rows for n, rows in module.per_clip_by_steps.items()}
+        per_clip = {"rows": module.recorder.per_clip}
+        if module.recorder.per_clip_by_steps:
+            per_clip["by_steps"] = {str(n): rows for n, rows in module.recorder.per_clip_by_steps.items()}
         write_json(out / PER_CLIP_FILE, per_clip)
         logger.experiment.log_artifact(logger.run_id, str(out / PER_CLIP_FILE), "metrics")
         logger.experiment.set_terminated(logger.run_id, status="FINISHED")
     return metrics
+
+
+def _prepare_output(cfg: DictConfig) -> Path:
+    """The run's folder with its config.yaml; refused when it holds another run's checkpoints."""
+    out = output_dir(cfg)
+    remove_temporaries(out / "checkpoints")  # what a save killed mid-write left
+    if not cfg.checkpoint.resume and any((out / "checkpoints").glob("*.ckpt*")):
+        raise M2SError(f"{out / 'checkpoints'} holds checkpoints of an earlier run: set checkpoint.resume=true to "
+                       "continue it, or choose another meta.output_dir / meta.run_name")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return out
+
+
+def _trainer(cfg: DictConfig, module, logger, out: Path) -> tuple[L.Trainer, ModelCheckpoint, LastCheckpoint]:
+    """The Trainer with its checkpointing: best.ckpt (ModelCheckpoint) and last.ckpt (LastCheckpoint alone)."""
+    best = ModelCheckpoint(dirpath=out / "checkpoints", save_last=False, monitor=cfg.checkpoint.monitor,
+                           mode=cfg.checkpoint.monitor_mode, save_top_k=1, filename="best",
+                           enable_version_counter=False)
+    last = LastCheckpoint(out / "checkpoints" / "last.ckpt", cfg.checkpoint.every_n_steps)
+    kwargs = to_container(cfg.trainer)
+    callbacks = [best, last, MediaLogger()] if module.trains else [MediaLogger()]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps)))
+    if "deepspeed" not in str(cfg.trainer.strategy):  # DeepSpeed writes checkpoint folders of its own
+        kwargs["plugins"] = [AtomicCheckpointIO()]
+    trainer = L.Trainer(logger=logger, default_root_dir=out, callbacks=callbacks,
+                        enable_checkpointing=module.trains, **kwargs)
+    return trainer, best, last
+
+
+def _fit(cfg: DictConfig, trainer: L.Trainer, module, datamodule, logger, best: ModelCheckpoint,
+         signals: SignalLog) -> dict[str, float]:
+    """Fit from last.ckpt (resume) or checkpoint.init_from (fine-tune); the last validation's figures, what
+    a hyperparameter search may select on (never test/)."""
+    found = resumable_checkpoint(Path(best.dirpath)) if cfg.checkpoint.resume else None
+    if found:
+        log.info("resuming from %s", found)
+    elif cfg.checkpoint.init_from:  # fine-tuning: trained weights in, optimiser and step counter fresh
+        load_trained_weights(module.model, read_checkpoint(cfg.checkpoint.init_from)["state_dict"],
+                             f"checkpoint.init_from {cfg.checkpoint.init_from}")
+        logger.experiment.set_tag(logger.run_id, tags.INIT_FROM, str(cfg.checkpoint.init_from))
+    with signals:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(found) if found else None, weights_only=True)
+    if best.best_model_path:
+        logger.experiment.set_tag(logger.run_id, tags.CHECKPOINT, best.best_model_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def _mark_failed(logger, err: BaseException, signum: int | None) -> None:
+    """The run FAILED, tagged with the signal that stopped it; a store that fails too is only logged."""
+    try:
+        if signum is not None:
+            logger.experiment.set_tag(logger.run_id, tags.INTERRUPTED, signal.Signals(signum).name)
+        logger.experiment.set_terminated(logger.run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the store failed too (read-only, gone): the run's own error counts
+        if tracking.store_failure(err, "") is None:
+            log.warning("MLflow run %s could not be marked FAILED", logger.run_id)
 
 
 def read_per_clip(out: Path) -> list[dict]:

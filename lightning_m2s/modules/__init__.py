@@ -1,7 +1,8 @@
 """LightningModules: the paper's three training variants and two training-free baselines."""
 
 from lightning_m2s.errors import ConfigError, ModelError
-from lightning_m2s.modules.base import EVAL_DEFAULTS, StereoModule, eval_steps
+from lightning_m2s.config import defaults
+from lightning_m2s.modules.base import Evaluator, StereoModule, eval_steps  # noqa: F401 - the modules API
 from lightning_m2s.modules.baselines import ClassicalFillModule, WarpOnlyModule
 from lightning_m2s.modules.end_to_end import EndToEndModule
 from lightning_m2s.modules.latent_only import LatentOnlyModule
@@ -16,7 +17,7 @@ MODULES = {
 }
 
 
-def module_class(name: str) -> type[StereoModule]:
+def module_class(name: str) -> type[Evaluator]:
     if name not in MODULES:
         raise ConfigError(f"module.variant {name!r} is unknown; choose from {sorted(MODULES)}")
     return MODULES[name]
@@ -72,6 +73,6 @@ def load_refiner(checkpoint: str, map_location: str = "cpu"):
     hparams = ckpt["hyper_parameters"]
     refiner = build_refiner(**(hparams["model"] or {}))
     load_trained_weights(refiner, ckpt["state_dict"], str(checkpoint))
-    settings = {**EVAL_DEFAULTS, **(hparams.get("eval") or {})}
+    settings = {**defaults("module.eval"), **(hparams.get("eval") or {})}
     settings["steps"] = eval_steps(settings["steps"])[0]  # inference uses the first of a tested list
     return refiner.eval(), settings

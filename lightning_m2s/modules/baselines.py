@@ -1,4 +1,5 @@
-"""Floors for every table, evaluated through the same data and metrics as the model (Table 6 layout).
+"""Floors for every table: Evaluators that only predict, scored through the same data and metrics as the
+model (Table 6 layout).
 
 - warp-only: the warped right view with its holes left as they are (black);
 - classical fill: each hole pixel takes the colour of the nearest known pixel to its right in the row.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_m2s.modules.base import StereoModule
+from lightning_m2s.modules.base import Evaluator
 
 
 def background_side_fill(warped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -29,15 +30,11 @@ def background_side_fill(warped: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.where(known, warped, filled)
 
 
-class WarpOnlyModule(StereoModule):
-    trains = False
-
+class WarpOnlyModule(Evaluator):
     def predict_video(self, batch, seed: int = 0, steps: int | None = None):
         return batch.warped
 
 
-class ClassicalFillModule(StereoModule):
-    trains = False
-
+class ClassicalFillModule(Evaluator):
     def predict_video(self, batch, seed: int = 0, steps: int | None = None):
         return background_side_fill(batch.warped, batch.mask)
