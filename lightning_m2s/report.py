@@ -75,7 +75,8 @@ def log_answer_runs(client, parent_id: str) -> dict[str, list]:
             _, variant, metric = key.split("/", 2)
             variants.setdefault(variant, {})[metric] = value
     floors = []
-    study_tags = {k: v for k, v in parent_tags.items() if k.startswith((tags.METRICS_PREFIX, tags.ABLATION, tags.EXPERIMENT))}
+    # the settings the floors were scored with; not the ablation tag, which marks a grid's trained arms
+    study_tags = {k: v for k, v in parent_tags.items() if k.startswith((tags.METRICS_PREFIX, tags.EXPERIMENT))}
     known = list(comparison.FLOOR_COLORS)  # warp-only first, as the tables list them
     for variant in sorted(variants, key=lambda v: (known.index(v) if v in known else len(known), v)):
         run = tracking.find_or_create_run(

@@ -109,6 +109,7 @@ def test_a_finished_sweep_has_its_floors_as_runs_and_one_colour_per_arm_and_floo
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.status == "FINISHED"
         assert run.data.metrics["test/synthetic/psnr"] == parent.data.metrics[f"floor/{variant}/test/synthetic/psnr"]
         assert run.data.tags["mlflow.runColor"] == palette[variant]
+        assert "m2s.ablation" not in run.data.tags  # that tag marks a grid's trained arms (queries by grid)
     trials = {r.data.tags["m2s.arm"]: r for r in runs if r.data.tags.get("m2s.kind") == "trial"}
     assert {a: r.data.tags["mlflow.runColor"] for a, r in trials.items()} == {a: palette[a] for a in trials}
     assert len({palette[a] for a in ["holes", "fill", "floor: warp_only", "floor: classical_fill"]}) == 4

@@ -36,7 +36,7 @@ SVD_PARTS = ("vae", "image_encoder", "feature_extractor", "scheduler")  # taken 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT = 1  # of m2svid.json
 
-# The `model:` settings that run the directory as the release does (refiner.REFINER_DEFAULTS keys).
+# The `model:` settings (experiments/base.yaml keys) that run the directory as the release does.
 RELEASE_MODEL = dict(
     left_condition=True,  # 13 input channels
     embedding="clip",  # every left frame's CLIP embedding as cross-attention context
