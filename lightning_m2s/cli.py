@@ -14,7 +14,7 @@ from lightning_m2s.errors import Interrupted, M2SError
 # default (2 CPU cores). left_cond was measured (6 min 42 s on idle cores, 11 min on a loaded day); the others
 # are estimates from it, scaled by the arms they train and the step counts they test.
 SWEEP_INFO = {
-    "left_cond": ("4, 7", "left-view conditioning on vs off, end-to-end, 1 step", 7),
+    "left_cond": ("4, 7", "left-view conditioning on vs off, end-to-end, 1 step", 9),
     "left_cond_diffusion": ("4, 7", "left-view conditioning on vs off, standard diffusion, 25 steps", 10),
     "full_attention": ("4, 7", "disocclusion full attention on vs off", 8),
     "loss": ("5, 8", "standard diffusion (25 / 1 steps) vs latent-only vs end-to-end training", 11),
