@@ -47,8 +47,8 @@ def replace_frames_with_truth(batch: StereoClip, known: torch.Tensor) -> StereoC
 
 
 class Evaluator(L.LightningModule):
-    """Scores `predict_video` on the validation and test clips through an EvaluationRecorder; every step
-    count of `eval.steps` at test, the first at validation. Subclasses define `predict_video`."""
+    """Scores `predict_video` on the validation and test clips through an EvaluationRecorder, once per
+    step count of `step_counts(stage)`. Subclasses define `predict_video`."""
 
     trains = False  # train() fits only modules that train; an Evaluator is only tested
 
