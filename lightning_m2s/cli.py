@@ -15,12 +15,12 @@ from lightning_m2s.errors import Interrupted, M2SError
 # are estimates from it, scaled by the arms they train and the step counts they test.
 SWEEP_INFO = {
     "left_cond": ("4, 7", "left-view conditioning on vs off, end-to-end, 1 step", 9),
-    "left_cond_diffusion": ("4, 7", "left-view conditioning on vs off, standard diffusion, 25 steps", 10),
-    "full_attention": ("4, 7", "disocclusion full attention on vs off", 8),
-    "loss": ("5, 8", "standard diffusion (25 / 1 steps) vs latent-only vs end-to-end training", 11),
+    "left_cond_diffusion": ("4, 7", "left-view conditioning on vs off, standard diffusion, 25 steps", 20),
+    "full_attention": ("4, 7", "disocclusion full attention on vs off", 11),
+    "loss": ("5, 8", "standard diffusion (25 / 1 steps) vs latent-only vs end-to-end training", 22),
     "baselines": ("6", "warp-only and classical fill vs M2SVid", 4),
     "runtime": ("9", "latency with vs without full attention", 3),
-    "inference_steps": ("10", "1 / 5 / 25 inference steps for both training regimes", 12),
+    "inference_steps": ("10", "1 / 5 / 25 inference steps for both training regimes", 30),
     "hparams": ("", "TPE over the learning rate and the Eq. 5 loss weights (8 trials)", 28),
 }
 CKPT = "outputs/sweeps/left_cond-<id>/with_left-seed0/checkpoints/best.ckpt"  # where a sweep trial's checkpoints are
@@ -33,8 +33,8 @@ def _example(*lines: str) -> str:
 def _sweeps_epilog() -> str:
     rows = [f"  {name:<20} {f'Table {t}: ' if t else ''}{what} (about {minutes} min)"
             for name, (t, what, minutes) in SWEEP_INFO.items()]
-    return ("grids in sweeps/ (minutes on the embedded default, 2 CPU cores; left_cond measured, the others "
-            "estimated):\n" + "\n".join(rows) + "\n\n" + _example(
+    return ("grids in sweeps/ (minutes on the embedded default, 2 CPU cores; left_cond, full_attention and loss "
+            "measured, the others estimated):\n" + "\n".join(rows) + "\n\n" + _example(
                 "m2s sweep left_cond            # then: m2s dashboard, m2s notebook"))
 
 
