@@ -25,6 +25,7 @@ BENCHMARKS = {
     "attention": "attention",  # masked full attention over the stock processor
     "model": "model",  # tiny UNet step times, img2vid-xt FLOPs on the meta device
     "train": "train",  # training steps per second of each variant, loader rate beside it
+    "step": "step",  # the fine-tune step: bf16 vs fp32, encodes in one call, VAE layouts
     "convert": "convert",  # m2s convert frames per second, seconds per stage, memory at 64 px
     "convert_memory": "convert_memory",  # m2s convert peak memory at 300 vs 1000 frames of 320x240 (long)
 }

@@ -55,7 +55,7 @@ def tiny_buckets(repeats: int, buckets=BUCKETS) -> dict:
 
         fwd_bwd_s = best_time(train_step, repeats)
         out[f"{frames}x{side}^2"] = dict(
-            latent=f"{frames}x4x{side // model.vae.downscale}x{side // model.vae.downscale}", unet_forward_s=round(unet_s, 4),
+            latent=f"{frames}x{model.vae.latent_channels}x{side // model.vae.downscale}x{side // model.vae.downscale}", unet_forward_s=round(unet_s, 4),
             forward_s=round(fwd_s, 4), forward_backward_s=round(fwd_bwd_s, 4), peak_rss_mb=round(peak_rss_mb(), 1),
         )
     return out

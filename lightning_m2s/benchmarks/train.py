@@ -1,6 +1,5 @@
 """`m2s bench train`: training steps per second of each variant on the embedded default's buckets, and
-the train loader's samples per second beside it (the loader must deliver >= 3x the step rate), and what
-two candidate speed-ups of the end-to-end step measure on this CPU (`speedups`).
+the train loader's samples per second beside it (the loader must deliver >= 3x the step rate).
 
 Each variant is built from the tiny experiment (random tiny VAE: the same compute as the trained one)
 and takes one step per bucket with the real loss, backward and AdamW update, after one warm-up step. The loader is the real train dataloader of the same experiment with its 2 workers.
@@ -9,11 +8,10 @@ and takes one step per bucket with the real loss, backward and AdamW update, aft
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
-from lightning_m2s.bench import best_time, peak_rss_mb
+from lightning_m2s.bench import peak_rss_mb
 from lightning_m2s.benchmarks.data import _rate
 from lightning_m2s.config import load_config, to_container
 from lightning_m2s.data.buckets import SampleKey, parse_buckets
@@ -31,14 +29,21 @@ def train_step(module, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def run(quick: bool = False) -> dict:
-    cfg = load_config("tiny")
+def bucket_batches(cfg) -> dict:
+    """One training batch per bucket of the experiment `cfg`: {Bucket: StereoClip}."""
     data_cfg = to_container(cfg.data)
     dataset = StereoDataModule(**data_cfg).dataset("train")
     buckets = parse_buckets(data_cfg["buckets"] or StereoDataModule().buckets)
+    return {b: collate_clips([dataset[SampleKey(i, b.frames, b.height, b.width, i)] for i in range(data_cfg["batch_size"])])
+            for b in buckets}
+
+
+def run(quick: bool = False) -> dict:
+    cfg = load_config("tiny")
+    data_cfg = to_container(cfg.data)
+    batches = bucket_batches(cfg)
+    buckets = list(batches)
     batch_size = data_cfg["batch_size"]
-    batches = {b: collate_clips([dataset[SampleKey(i, b.frames, b.height, b.width, i)] for i in range(batch_size)])
-               for b in buckets}
     result: dict = {"batch_size": batch_size, "threads": torch.get_num_threads()}
     from lightning_m2s.train import build_module
 
@@ -62,42 +67,7 @@ def run(quick: bool = False) -> dict:
         del module, optimizer
     samples_per_s, _ = _rate(data_cfg["buckets"] or StereoDataModule().buckets, 4 if quick else 12)
     result["loader_samples_per_s"] = round(samples_per_s, 2)
-    cfg.module.variant = "end_to_end"
-    result["speedups"] = speedups(cfg, list(batches.values()), repeats=1 if quick else 3)
     fastest = max(result[v]["steps_per_s"] for v in VARIANTS)
     result["loader_over_fastest_step_rate"] = round(samples_per_s / fastest, 2)
     result["loader_samples_over_needed"] = round(samples_per_s / (fastest * batch_size), 2)
     return result
-
-
-def native_bf16() -> bool:
-    """Whether the CPU computes in bfloat16 natively (avx512_bf16 / amx_bf16); without it oneDNN emulates."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def speedups(cfg, batches: list, repeats: int) -> dict:
-    """The end-to-end step in fp32 vs under bf16 autocast (model.autocast_dtype; the same batches, each
-    step timed best of `repeats`), and the step's three VAE encodes (left, warped, right) as three calls
-    vs one call over the three videos stacked. Ratios > 1 mean the candidate is slower."""
-    from lightning_m2s.train import build_module
-
-    seconds = {}
-    for dtype in (None, "bfloat16"):
-        cfg.model.autocast_dtype = dtype
-        module = build_module(cfg).train()
-        optimizer = module.configure_optimizers()
-
-        seconds[dtype or "float32"] = sum(best_time(lambda: train_step(module, optimizer, b), repeats) for b in batches) / len(batches)
-    cfg.model.autocast_dtype = None
-    vae = module.model.vae
-    three = sum(best_time(lambda: [vae.encode(v) for v in (b.left, b.warped, b.right)], repeats) for b in batches)
-    stacked = sum(best_time(lambda: vae.encode(torch.cat([b.left, b.warped, b.right])), repeats) for b in batches)
-    return {
-        "native_bf16": native_bf16(),
-        "end_to_end_s_per_step": {k: round(v, 3) for k, v in seconds.items()},
-        "bf16_over_fp32": round(seconds["bfloat16"] / seconds["float32"], 2),
-        "encodes_s_per_step": {"three_calls": round(three / len(batches), 3), "one_call": round(stacked / len(batches), 3)},
-        "one_call_over_three": round(stacked / three, 2),
-    }
